@@ -1,0 +1,125 @@
+"""The wire format of a tensor, shared by the client and the server.
+
+A tensor travels as raw little-endian row-major bytes. BYTES elements travel as a 4-byte
+little-endian length followed by that many bytes. The datatype names are the Open Inference
+Protocol's, so the native API and the OIP frontend describe tensors the same way.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+
+import ml_dtypes
+import numpy as np
+
+# Datatype name -> numpy dtype (little-endian). BYTES maps to object arrays of `bytes`.
+DTYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+    "BYTES": np.dtype(np.object_),
+}
+
+_LENGTH = struct.Struct("<I")
+
+
+def datatype_of(array: np.ndarray) -> str:
+    """The wire datatype name for a numpy array (str and bytes arrays are BYTES)."""
+    kind = array.dtype.kind
+    if kind in ("O", "S", "U"):
+        return "BYTES"
+    if array.dtype == ml_dtypes.bfloat16:
+        return "BF16"
+    for name, dtype in DTYPES.items():
+        if name != "BYTES" and array.dtype.newbyteorder("<") == dtype:
+            return name
+    raise TypeError(f"dtype {array.dtype} has no wire datatype")
+
+
+def pack_bytes_elements(elements: Iterable[object]) -> bytes:
+    """Serialise BYTES elements (bytes, or str as UTF-8) with their 4-byte length prefixes."""
+    parts: list[bytes] = []
+    for element in elements:
+        if isinstance(element, str):
+            data = element.encode()
+        elif isinstance(element, (bytes, bytearray, memoryview)):
+            data = bytes(element)
+        else:
+            data = str(element).encode()
+        parts.append(_LENGTH.pack(len(data)))
+        parts.append(data)
+    return b"".join(parts)
+
+
+def unpack_bytes_elements(raw: bytes, count: int) -> np.ndarray:
+    """Parse exactly `count` length-prefixed elements from `raw` into a 1-D object array.
+
+    Raises ValueError naming the problem when the bytes do not hold exactly `count` elements.
+    The element count is checked against what the bytes can hold before anything is allocated.
+    """
+    if count > len(raw) // _LENGTH.size:
+        raise ValueError(
+            f"{len(raw)} bytes cannot hold {count} BYTES elements (each needs a 4-byte length)"
+        )
+    out = np.empty(count, dtype=object)
+    view = memoryview(raw)
+    offset = 0
+    for i in range(count):
+        if offset + 4 > len(raw):
+            raise ValueError(f"BYTES element {i}: length prefix runs past the end of the contents")
+        (length,) = _LENGTH.unpack_from(view, offset)
+        offset += 4
+        if offset + length > len(raw):
+            raise ValueError(
+                f"BYTES element {i}: declares {length} bytes, only {len(raw) - offset} remain"
+            )
+        out[i] = bytes(view[offset : offset + length])
+        offset += length
+    if offset != len(raw):
+        raise ValueError(f"{len(raw) - offset} bytes left over after {count} BYTES elements")
+    return out
+
+
+def to_wire(array: np.ndarray) -> tuple[str, list[int], bytes]:
+    """(datatype, shape, contents) for a numpy array."""
+    datatype = datatype_of(array)
+    shape = list(array.shape)
+    if datatype == "BYTES":
+        return datatype, shape, pack_bytes_elements(array.reshape(-1))
+    dtype = DTYPES[datatype]
+    return datatype, shape, np.ascontiguousarray(array, dtype=dtype).tobytes()
+
+
+def from_wire(datatype: str, shape: Iterable[int], contents: bytes) -> np.ndarray:
+    """A numpy array from (datatype, shape, contents); fixed-size types are zero-copy views.
+
+    Raises ValueError when the datatype is unknown or the contents do not match the shape.
+    """
+    dims = [int(d) for d in shape]
+    if any(d < 0 for d in dims):
+        raise ValueError(f"shape {dims} has a negative dimension")
+    count = 1
+    for d in dims:
+        count *= d
+    if datatype == "BYTES":
+        return unpack_bytes_elements(contents, count).reshape(dims)
+    dtype = DTYPES.get(datatype)
+    if dtype is None:
+        raise ValueError(f"unknown datatype {datatype!r}; expected one of {', '.join(DTYPES)}")
+    expected = count * dtype.itemsize
+    if len(contents) != expected:
+        raise ValueError(
+            f"contents hold {len(contents)} bytes; shape {dims} of {datatype} needs {expected}"
+        )
+    return np.frombuffer(contents, dtype=dtype).reshape(dims)

@@ -1,0 +1,184 @@
+"""Request decoding and validation shared by every frontend (native and Open Inference
+Protocol): a wire tensor is checked against the model's signature and the server's limits
+before any array is built, then viewed in place with np.frombuffer."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from client.wire import DTYPES, unpack_bytes_elements
+from server.core.errors import InvalidInput
+from server.core.registry import ModelRegistry, ModelVersion
+from server.core.types import Array, InferRequest, InferResult, ModelSignature
+
+
+@dataclass(frozen=True, slots=True)
+class WireTensor:
+    """A tensor as a frontend received it; `contents` is read from the message once."""
+
+    name: str
+    datatype: str
+    shape: Sequence[int]
+    contents: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_elements: int
+    """Elements per request, all inputs together."""
+
+
+def decode_inputs(
+    model: str, signature: ModelSignature, tensors: Sequence[WireTensor], limits: Limits
+) -> dict[str, Array]:
+    inputs: dict[str, Array] = {}
+    batch: tuple[str, int] | None = None
+    elements_total = 0
+    for tensor in tensors:
+        name = tensor.name
+        spec = signature.input(name)
+        if spec is None:
+            expected = [s.name for s in signature.inputs]
+            raise InvalidInput(
+                f"input '{name}' is not an input of model '{model}'; expected {expected}"
+            )
+        if name in inputs:
+            raise InvalidInput(f"input '{name}' appears more than once")
+        if tensor.datatype != spec.datatype:
+            raise InvalidInput(
+                f"input '{name}': datatype {tensor.datatype or '(empty)'} does not match the "
+                f"model's {spec.datatype}"
+            )
+        shape = [int(d) for d in tensor.shape]
+        expected_shape = list(signature.full_shape(spec))
+        if any(d < 0 for d in shape):
+            raise InvalidInput(f"input '{name}': shape {shape} has a negative dimension")
+        if len(shape) != len(expected_shape):
+            raise InvalidInput(
+                f"input '{name}': shape {shape} has rank {len(shape)}; the model expects rank "
+                f"{len(expected_shape)} {expected_shape}"
+            )
+        offset = 1 if signature.batches else 0
+        for axis, (got, want) in enumerate(zip(shape, expected_shape, strict=True)):
+            if axis >= offset and want >= 0 and got != want:
+                raise InvalidInput(
+                    f"input '{name}': dim {axis} is {got}; the model expects {want} "
+                    f"(shape {expected_shape})"
+                )
+        if signature.batches:
+            rows = shape[0]
+            if rows < 1:
+                raise InvalidInput(f"input '{name}': batch dimension must be at least 1, got 0")
+            if rows > signature.max_batch_size:
+                raise InvalidInput(
+                    f"input '{name}': batch dimension {rows} exceeds max_batch_size "
+                    f"{signature.max_batch_size}"
+                )
+            if batch is None:
+                batch = (name, rows)
+            elif rows != batch[1]:
+                raise InvalidInput(
+                    f"input '{name}': batch dimension {rows} differs from input "
+                    f"'{batch[0]}' ({batch[1]})"
+                )
+        count = 1
+        for d in shape:
+            count *= d
+        elements_total += count
+        if elements_total > limits.max_elements:
+            raise InvalidInput(
+                f"input '{name}': {elements_total} elements in the request exceed the limit "
+                f"of {limits.max_elements}"
+            )
+        inputs[name] = _array(name, spec.datatype, shape, count, tensor.contents)
+    missing = [s.name for s in signature.inputs if s.name not in inputs]
+    if missing:
+        raise InvalidInput(f"missing input(s) {missing} for model '{model}'")
+    return inputs
+
+
+def _array(name: str, datatype: str, shape: list[int], count: int, contents: bytes) -> Array:
+    if datatype == "BYTES":
+        try:
+            elements = unpack_bytes_elements(contents, count)
+            # ONNX Runtime takes string tensors as str (bytes objects reach the model as
+            # "b'...'"), and fails the whole batch on text it cannot encode: check it here.
+            for i, element in enumerate(elements):
+                elements[i] = element.decode("utf-8")
+        except ValueError as exc:
+            where = f" (element {i})" if isinstance(exc, UnicodeDecodeError) else ""
+            raise InvalidInput(f"input '{name}'{where}: {exc}") from None
+        return elements.reshape(shape)
+    dtype = DTYPES[datatype]
+    needed = count * dtype.itemsize
+    if len(contents) != needed:
+        raise InvalidInput(
+            f"input '{name}': contents hold {len(contents)} bytes; shape {shape} of "
+            f"{datatype} needs {needed}"
+        )
+    return np.frombuffer(contents, dtype=dtype).reshape(shape)
+
+
+def check_outputs(model: str, signature: ModelSignature, names: Sequence[str]) -> tuple[str, ...]:
+    known = {s.name for s in signature.outputs}
+    seen: set[str] = set()
+    for name in names:
+        if name not in known:
+            raise InvalidInput(
+                f"requested output '{name}' is not an output of model '{model}'; "
+                f"expected {sorted(known)}"
+            )
+        if name in seen:
+            raise InvalidInput(f"requested output '{name}' appears more than once")
+        seen.add(name)
+    return tuple(names)
+
+
+def absolute_deadline(
+    time_remaining: float | None, timeout_us: int, default_timeout: float | None
+) -> float | None:
+    """The sooner of the gRPC deadline and the request's timeout (else the model's default),
+    on the event loop's clock."""
+    budgets = [t for t in (time_remaining, timeout_us / 1e6 if timeout_us else None) if t]
+    if not budgets and default_timeout:
+        budgets = [default_timeout]
+    if not budgets:
+        return None
+    return asyncio.get_running_loop().time() + min(budgets)
+
+
+async def infer(
+    registry: ModelRegistry,
+    limits: Limits,
+    *,
+    model: str,
+    version: int | None,
+    tensors: Sequence[WireTensor],
+    outputs: Sequence[str],
+    request_id: str,
+    priority: int,
+    timeout_us: int,
+    time_remaining: float | None,
+    trace_context: object = None,
+) -> tuple[ModelVersion, InferResult]:
+    """Resolve, validate, decode and run one request: the whole path every frontend shares."""
+    if not model:
+        raise InvalidInput("model: the model name is empty")
+    target = registry.resolve(model, version)
+    signature = target.signature
+    assert signature is not None
+    request = InferRequest(
+        model=model,
+        inputs=decode_inputs(model, signature, tensors, limits),
+        outputs=check_outputs(model, signature, outputs),
+        version=target.version,
+        id=request_id,
+        priority=priority,
+        deadline=absolute_deadline(time_remaining, timeout_us, target.default_timeout),
+        trace_context=trace_context,
+    )
+    return target, await target.infer(request)

@@ -1,0 +1,284 @@
+"""The native API, `inferd.v1`: Predict and ModelStatus. Converts protobuf <-> core; decides
+nothing (validation is `server/api/inference.py`, policy is `server/core`)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterable
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from inferd.v1 import (
+    model_status_pb2,
+    model_status_pb2_grpc,
+    predict_pb2,
+    predict_pb2_grpc,
+    tensor_pb2,
+)
+
+from client.wire import to_wire
+from server.api import inference
+from server.api.status import status_code
+from server.core.errors import InferdError, ModelNotFound
+from server.core.observer import Observer
+from server.core.registry import ModelRegistry, ModelStatusEvent, ModelVersion
+from server.core.types import InferResult, ModelState
+
+PROTOCOL = "native"
+
+_STATES = {
+    ModelState.UNKNOWN: model_status_pb2.MODEL_STATE_UNKNOWN,
+    ModelState.LOADING: model_status_pb2.MODEL_STATE_LOADING,
+    ModelState.READY: model_status_pb2.MODEL_STATE_READY,
+    ModelState.UNLOADING: model_status_pb2.MODEL_STATE_UNLOADING,
+    ModelState.UNLOADED: model_status_pb2.MODEL_STATE_UNLOADED,
+    ModelState.FAILED: model_status_pb2.MODEL_STATE_FAILED,
+}
+
+
+class PredictServicer(predict_pb2_grpc.PredictServicer):
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        limits: inference.Limits,
+        observer: Observer,
+        stream_window: int = 256,
+    ) -> None:
+        self._registry = registry
+        self._limits = limits
+        self._observer = observer
+        self._stream_window = stream_window
+
+    async def Predict(
+        self, request: predict_pb2.PredictRequest, context: grpc.aio.ServicerContext
+    ) -> predict_pb2.PredictResponse:
+        try:
+            return await self._predict(request, context.time_remaining())
+        except InferdError as exc:
+            await context.abort(status_code(exc), exc.message)
+            raise  # unreachable: abort raises
+
+    async def PredictStream(
+        self,
+        request_iterator: AsyncIterator[predict_pb2.PredictRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[predict_pb2.PredictStreamResponse]:
+        """Requests run concurrently (so they can share batches); each is answered as soon as
+        it is done, with its own status. At most `stream_window` are in flight."""
+        answers: asyncio.Queue[predict_pb2.PredictStreamResponse | None] = asyncio.Queue()
+        window = asyncio.Semaphore(self._stream_window)
+        running: set[asyncio.Task[None]] = set()
+
+        async def answer(request: predict_pb2.PredictRequest) -> None:
+            try:
+                response = await self._predict(request, context.time_remaining())
+                answers.put_nowait(
+                    predict_pb2.PredictStreamResponse(id=request.id, response=response)
+                )
+            except InferdError as exc:
+                error = predict_pb2.RequestStatus(
+                    code=status_code(exc).value[0], message=exc.message
+                )
+                answers.put_nowait(predict_pb2.PredictStreamResponse(id=request.id, error=error))
+            finally:
+                window.release()
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    await window.acquire()
+                    task = asyncio.get_running_loop().create_task(answer(request))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                while running:
+                    await asyncio.gather(*running, return_exceptions=True)
+            finally:
+                answers.put_nowait(None)
+
+        reader = asyncio.get_running_loop().create_task(read())
+        try:
+            while (item := await answers.get()) is not None:
+                yield item
+            await reader
+        finally:
+            reader.cancel()
+            for task in running:
+                task.cancel()
+
+    async def _predict(
+        self, request: predict_pb2.PredictRequest, time_remaining: float | None
+    ) -> predict_pb2.PredictResponse:
+        started = time.perf_counter()
+        version = request.version if request.HasField("version") else None
+        code = grpc.StatusCode.OK
+        try:
+            target, result = await inference.infer(
+                self._registry,
+                self._limits,
+                model=request.model,
+                version=version,
+                tensors=[
+                    inference.WireTensor(t.name, t.datatype, t.shape, t.contents)
+                    for t in request.inputs
+                ],
+                outputs=request.outputs,
+                request_id=request.id,
+                priority=request.priority,
+                timeout_us=request.timeout_us,
+                time_remaining=time_remaining,
+            )
+            version = target.version
+            return _response(request, result)
+        except InferdError as exc:
+            code = status_code(exc)
+            raise
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            self._observer.request_finished(
+                PROTOCOL, request.model, version, code.name, time.perf_counter() - started
+            )
+
+
+def _response(
+    request: predict_pb2.PredictRequest, result: InferResult
+) -> predict_pb2.PredictResponse:
+    outputs = []
+    for name, array in result.outputs.items():
+        datatype, shape, contents = to_wire(array)
+        outputs.append(
+            tensor_pb2.Tensor(name=name, datatype=datatype, shape=shape, contents=contents)
+        )
+    return predict_pb2.PredictResponse(
+        model=result.model, version=result.version, id=request.id, outputs=outputs
+    )
+
+
+class ModelStatusServicer(model_status_pb2_grpc.ModelStatusServicer):
+    def __init__(self, registry: ModelRegistry) -> None:
+        self._registry = registry
+
+    async def GetModelStatus(
+        self, request: model_status_pb2.GetModelStatusRequest, context: grpc.aio.ServicerContext
+    ) -> model_status_pb2.GetModelStatusResponse:
+        try:
+            versions = self._registry.versions(request.model)
+            if request.HasField("version"):
+                versions = [v for v in versions if v.version == request.version]
+                if not versions:
+                    raise ModelNotFound(f"model '{request.model}' has no version {request.version}")
+        except InferdError as exc:
+            await context.abort(status_code(exc), exc.message)
+            raise
+        return model_status_pb2.GetModelStatusResponse(
+            model=request.model, versions=_version_statuses(versions)
+        )
+
+    async def ListModels(
+        self, request: model_status_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> model_status_pb2.ListModelsResponse:
+        return model_status_pb2.ListModelsResponse(
+            models=[
+                model_status_pb2.ModelSummary(
+                    name=name, versions=_version_statuses(self._registry.versions(name))
+                )
+                for name in self._registry.model_names()
+            ]
+        )
+
+    async def GetModelMetadata(
+        self, request: model_status_pb2.GetModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> model_status_pb2.ModelMetadata:
+        try:
+            version = request.version if request.HasField("version") else None
+            target = self._registry.resolve(request.model, version)
+        except InferdError as exc:
+            await context.abort(status_code(exc), exc.message)
+            raise
+        return _metadata(target, self._registry.versions(request.model))
+
+    async def WatchModelStatus(
+        self, request: model_status_pb2.WatchModelStatusRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[model_status_pb2.ModelStatusEvent]:
+        try:
+            async for event in self._registry.watch(request.model):
+                yield _event(event)
+        except InferdError as exc:
+            await context.abort(status_code(exc), exc.message)
+        except OverflowError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+
+
+def _timestamp(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def _version_statuses(versions: Iterable[ModelVersion]) -> list[model_status_pb2.VersionStatus]:
+    out = []
+    for v in versions:
+        s = v.statistics
+        out.append(
+            model_status_pb2.VersionStatus(
+                version=v.version,
+                state=_STATES[v.state],
+                reason=v.reason,
+                last_change=_timestamp(v.last_change),
+                statistics=model_status_pb2.VersionStatistics(
+                    request_success=s.request_success,
+                    request_failure=s.request_failure,
+                    inference_count=s.inference_count,
+                    execution_count=s.execution_count,
+                    queue_ns=s.queue_ns,
+                    compute_ns=s.compute_ns,
+                    batch_sizes=dict(s.batch_sizes),
+                ),
+            )
+        )
+    return out
+
+
+def _metadata(target: ModelVersion, versions: list[ModelVersion]) -> model_status_pb2.ModelMetadata:
+    signature, policy = target.signature, target.policy
+    assert signature is not None and policy is not None
+    return model_status_pb2.ModelMetadata(
+        name=target.name,
+        version=target.version,
+        versions=[v.version for v in versions if v.state is ModelState.READY],
+        platform="onnxruntime_onnx",
+        inputs=[
+            tensor_pb2.TensorMetadata(
+                name=s.name, datatype=s.datatype, shape=signature.full_shape(s)
+            )
+            for s in signature.inputs
+        ],
+        outputs=[
+            tensor_pb2.TensorMetadata(
+                name=s.name, datatype=s.datatype, shape=signature.full_shape(s)
+            )
+            for s in signature.outputs
+        ],
+        max_batch_size=signature.max_batch_size,
+        batching=model_status_pb2.BatchingSettings(
+            max_batch_size=policy.max_batch_size,
+            max_queue_delay_us=round(policy.max_queue_delay * 1e6),
+            preferred_batch_sizes=policy.preferred_batch_sizes,
+            max_queue_size=policy.max_queue_size,
+            instances=policy.instances,
+            default_timeout_us=round((target.default_timeout or 0) * 1e6),
+        ),
+        execution_providers=target.providers,
+    )
+
+
+def _event(event: ModelStatusEvent) -> model_status_pb2.ModelStatusEvent:
+    return model_status_pb2.ModelStatusEvent(
+        model=event.model,
+        version=event.version,
+        state=_STATES[event.state],
+        reason=event.reason,
+        time=_timestamp(event.time),
+    )

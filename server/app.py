@@ -1,0 +1,140 @@
+"""Assembles the server: registry, gRPC services, health, reflection, metrics; and its
+lifecycle, including the SIGTERM drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from inferd.v1 import model_status_pb2, model_status_pb2_grpc, predict_pb2, predict_pb2_grpc
+from server.api.inference import Limits
+from server.api.native import ModelStatusServicer, PredictServicer
+from server.config import ServerConfig
+from server.core.observer import MultiObserver, Observer
+from server.core.registry import ModelRegistry, SessionFactory, onnxruntime_session
+from server.core.repository import ModelRepository
+from server.observability.metrics import PrometheusObserver
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    predict_pb2.DESCRIPTOR.services_by_name["Predict"].full_name,
+    model_status_pb2.DESCRIPTOR.services_by_name["ModelStatus"].full_name,
+)
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+
+
+class InferenceServer:
+    def __init__(
+        self,
+        config: ServerConfig,
+        observer: Observer | None = None,
+        session_factory: SessionFactory = onnxruntime_session,
+    ) -> None:
+        self.config = config
+        self.metrics = PrometheusObserver()
+        self.observer: Observer = (
+            MultiObserver([self.metrics, observer]) if observer else self.metrics
+        )
+        self.registry = ModelRegistry(
+            ModelRepository(config.model_repository),
+            config.models,
+            self.observer,
+            session_factory,
+        )
+        self.health = HealthServicer()
+        self.port = 0
+        self.metrics_port = 0
+        self._grpc: grpc.aio.Server | None = None
+        self._metrics_http: Any = None
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        """Load the models, then listen. Health reports SERVING once everything listens."""
+        c = self.config
+        await self.registry.load_repository()
+        server = grpc.aio.server(options=channel_options(c.max_message_bytes))
+        predict_pb2_grpc.add_PredictServicer_to_server(
+            PredictServicer(
+                self.registry,
+                Limits(max_elements=c.max_elements_per_request),
+                self.observer,
+                stream_window=c.stream_window,
+            ),
+            server,
+        )
+        model_status_pb2_grpc.add_ModelStatusServicer_to_server(
+            ModelStatusServicer(self.registry), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (
+                *SERVICE_NAMES,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+        self.port = server.add_insecure_port(f"{c.host}:{c.port}")
+        await server.start()
+        self._grpc = server
+        if c.metrics_port >= 0:
+            self._metrics_http, self.metrics_port = self.metrics.serve(c.host, c.metrics_port)
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "inferd serving %d model(s) on %s:%d (metrics on port %s)",
+            len(self.registry.model_names()),
+            c.host,
+            self.port,
+            self.metrics_port if c.metrics_port >= 0 else "off",
+        )
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Health NOT_SERVING, refuse new requests (UNAVAILABLE), answer every accepted one,
+        then close; all within `grace` seconds (the config's grace period by default)."""
+        if self._stopped.is_set():
+            return
+        grace = self.config.grace_period_s if grace is None else grace
+        deadline = time.monotonic() + grace
+        await self.health.enter_graceful_shutdown()
+        try:
+            await asyncio.wait_for(self.registry.shutdown(), timeout=grace)
+        except TimeoutError:
+            log.error("grace period of %.1f s ran out with requests still executing", grace)
+        if self._grpc is not None:
+            await self._grpc.stop(grace=max(deadline - time.monotonic(), 0.5))
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+        self._stopped.set()
+        log.info("inferd stopped")
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+
+async def serve(config: ServerConfig) -> None:
+    """Run until SIGTERM or SIGINT, then drain and return."""
+    server = InferenceServer(config)
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_requested.set)
+    await server.start()
+    await stop_requested.wait()
+    log.info("signal received: draining (grace period %.1f s)", config.grace_period_s)
+    await server.stop()

@@ -1,0 +1,85 @@
+"""The server's one typed configuration.
+
+Every setting resolves, highest first, from: command-line flags, `INFERD_*` environment
+variables (nested with `__`, e.g. `INFERD_MODELS__MAX_BATCH_SIZE=16`), the TOML file given with
+`--config`, and the defaults below.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from server.core.model_config import ModelDefaults
+
+
+class ServerConfig(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="INFERD_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    model_repository: Path = Path("models")
+    """Directory of `<model>/<version>/model.onnx`."""
+
+    host: str = "127.0.0.1"
+    """Address to listen on; 0.0.0.0 for every interface (e.g. in a container)."""
+
+    port: Annotated[int, Field(ge=0, le=65535)] = 8001
+    """gRPC port (Triton's default, so its tooling finds us); 0 picks a free port."""
+
+    metrics_port: Annotated[int, Field(ge=-1, le=65535)] = 8002
+    """Prometheus /metrics port; -1 turns the endpoint off, 0 picks a free port."""
+
+    max_message_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024 * 1024
+    """Largest gRPC message received or sent; a larger one is refused by gRPC before decoding."""
+
+    max_elements_per_request: Annotated[int, Field(ge=1)] = 16 * 1024 * 1024
+    """Tensor elements per request, all inputs together; checked before any allocation."""
+
+    stream_window: Annotated[int, Field(ge=1)] = 256
+    """Requests of one PredictStream in flight at once; the stream reads no further until one
+    is answered (back-pressure instead of unbounded memory)."""
+
+    grace_period_s: Annotated[float, Field(ge=0)] = 30.0
+    """On SIGTERM/SIGINT: how long to finish accepted requests before exiting anyway."""
+
+    log_level: str = "INFO"
+
+    models: ModelDefaults = Field(default_factory=ModelDefaults)
+    """Defaults for what a model's config.toml leaves out."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
+
+    @classmethod
+    def load(cls, config_file: Path | None = None, **flags: Any) -> ServerConfig:
+        """Resolve flags > environment > config file > defaults. Flags set to None are unset."""
+        given = {k: v for k, v in flags.items() if v is not None}
+        if config_file is None:
+            return cls(**given)
+        if not config_file.is_file():
+            raise FileNotFoundError(f"config file {config_file} does not exist")
+
+        class _FromFile(cls):  # type: ignore[valid-type,misc]
+            model_config = SettingsConfigDict(**{**cls.model_config, "toml_file": config_file})
+
+        return cls.model_validate(_FromFile(**given).model_dump())

@@ -1,0 +1,445 @@
+"""The dynamic batcher: one per model version.
+
+Three parts, as in TF Serving's batch scheduler:
+- the queue (what waits): one `_ShapeQueue` per shape signature, since only requests whose
+  non-batch dims and dtypes agree can be concatenated; inside it, FIFO per priority level;
+- the policy (when a batch closes): `BatchingPolicy` and `_ShapeQueue.readiness`;
+- the threads (who runs it): `instances` execution slots; the executor runs each batch off the
+  event loop.
+
+Plain asyncio: no gRPC types. Tests drive it with a fake executor on a fake loop clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from server.core.errors import (
+    DeadlineExceeded,
+    InferenceFailed,
+    InvalidInput,
+    QueueFull,
+    Unavailable,
+)
+from server.core.observer import Observer, RejectReason
+from server.core.types import Array, InferRequest, InferResult, rows_of, shape_key_of
+
+
+class BatchExecutor(Protocol):
+    """Runs one batch: each element of `batch` is one request's inputs; returns each request's
+    outputs in the same order. `outputs` lists the names to compute (empty: all)."""
+
+    async def execute(
+        self, batch: Sequence[Mapping[str, Array]], outputs: Sequence[str]
+    ) -> list[dict[str, Array]]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class BatchingPolicy:
+    max_batch_size: int
+    """Most rows in one executed batch; 0 for a model without a batch dim (each request runs
+    alone, as sent). Larger batches buy throughput per execution and cost the latency of the
+    longer run, and of waiting for rows to arrive."""
+
+    max_queue_delay: float = 0.0
+    """Seconds the oldest waiting request may wait for a batch to fill. 0 dispatches whatever is
+    queued as soon as an execution slot is free, so batches still form under load (while every
+    slot is busy) and an idle server adds no latency. Raising it fills batches at low load at the
+    cost of up to this much added latency per request."""
+
+    preferred_batch_sizes: tuple[int, ...] = ()
+    """Batch sizes dispatched as soon as they can be formed, without waiting for the delay (e.g.
+    sizes the runtime is fastest at). Empty: only a full batch or the delay dispatches."""
+
+    max_queue_size: int = 1024
+    """Requests that may wait (not counting those executing). A full queue answers
+    RESOURCE_EXHAUSTED at once: a bounded wait instead of unbounded latency under overload."""
+
+    instances: int = 1
+    """Batches in flight at once. More overlap the Python work of one batch with the execution
+    of another (and on a GPU, kernels of several), at the cost of memory per slot and smaller
+    batches at moderate load."""
+
+    default_priority: int = 1
+    """The level of a request that names none (priority 0). Smaller levels run first."""
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 0:
+            raise ValueError("max_batch_size must be >= 0")
+        if self.max_queue_delay < 0:
+            raise ValueError("max_queue_delay must be >= 0")
+        if self.instances < 1:
+            raise ValueError("instances must be >= 1")
+        if self.max_queue_size < 1:
+            raise ValueError("max_queue_size must be >= 1")
+        for size in self.preferred_batch_sizes:
+            if not 1 <= size <= max(self.max_batch_size, 1):
+                raise ValueError(
+                    f"preferred batch size {size} is outside 1..max_batch_size "
+                    f"({self.max_batch_size})"
+                )
+
+    @property
+    def batch_limit(self) -> int:
+        """Rows one execution may hold: a model without a batch dim runs requests one by one."""
+        return self.max_batch_size if self.max_batch_size > 0 else 1
+
+
+class _State(enum.Enum):
+    QUEUED = 1
+    RUNNING = 2
+    # Left the queue without running: its caller gave up.
+    GONE = 3
+
+
+class _Entry:
+    __slots__ = ("arrival", "future", "key", "priority", "request", "rows", "state")
+
+    def __init__(
+        self,
+        request: InferRequest,
+        future: asyncio.Future[InferResult],
+        arrival: float,
+        priority: int,
+        batches: bool,
+    ) -> None:
+        self.request = request
+        self.future = future
+        self.arrival = arrival
+        self.priority = priority
+        self.rows = rows_of(request.inputs, batches)
+        self.key = shape_key_of(request.inputs, batches)
+        self.state = _State.QUEUED
+
+
+class _ShapeQueue:
+    """Requests that can share a batch, FIFO within each priority level."""
+
+    def __init__(self) -> None:
+        self.levels: dict[int, deque[_Entry]] = {}
+        self.rows = 0
+        self.count = 0
+
+    def push(self, entry: _Entry) -> None:
+        self.levels.setdefault(entry.priority, deque()).append(entry)
+        self.rows += entry.rows
+        self.count += 1
+
+    def remove(self, entry: _Entry) -> None:
+        level = self.levels[entry.priority]
+        level.remove(entry)
+        if not level:
+            del self.levels[entry.priority]
+        self.rows -= entry.rows
+        self.count -= 1
+
+    def in_order(self) -> Iterator[_Entry]:
+        for priority in sorted(self.levels):
+            yield from self.levels[priority]
+
+    def oldest_arrival(self) -> float:
+        # Within a level arrival order holds, so the oldest request is one of the heads.
+        return min(level[0].arrival for level in self.levels.values())
+
+    def readiness(self, policy: BatchingPolicy, now: float) -> tuple[bool, float]:
+        """(ready now, else the loop time at which the delay makes it ready)."""
+        ready_at = self.oldest_arrival() + policy.max_queue_delay
+        if policy.max_batch_size == 0 or self.rows >= policy.max_batch_size or ready_at <= now:
+            return True, now
+        if policy.preferred_batch_sizes and self._preferred_prefix(policy) is not None:
+            return True, now
+        return False, ready_at
+
+    def _preferred_prefix(self, policy: BatchingPolicy) -> int | None:
+        """Requests (in dispatch order) that make up the largest preferred size reachable."""
+        best: int | None = None
+        rows = 0
+        for n, entry in enumerate(self.in_order(), start=1):
+            rows += entry.rows
+            if rows > policy.max_batch_size:
+                break
+            if rows in policy.preferred_batch_sizes:
+                best = n
+        return best
+
+    def take(self, policy: BatchingPolicy, now: float) -> list[_Entry]:
+        """Remove and return the next batch: dispatch order, as many rows as fit."""
+        limit: int | None = None
+        if (
+            policy.preferred_batch_sizes
+            and self.rows < policy.max_batch_size
+            and self.oldest_arrival() + policy.max_queue_delay > now
+        ):
+            limit = self._preferred_prefix(policy)
+        batch: list[_Entry] = []
+        rows = 0
+        for entry in self.in_order():
+            if batch and (rows + entry.rows > policy.batch_limit or len(batch) == limit):
+                break
+            batch.append(entry)
+            rows += entry.rows
+        for entry in batch:
+            self.remove(entry)
+        return batch
+
+
+class Batcher:
+    """Queues requests for one model version and executes them in batches.
+
+    `submit` answers every request it accepts exactly once: with its outputs, or with the error
+    that stopped it (QueueFull at once, DeadlineExceeded, Cancelled, InferenceFailed,
+    Unavailable after `close`).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        version: int,
+        policy: BatchingPolicy,
+        executor: BatchExecutor,
+        observer: Observer | None = None,
+    ) -> None:
+        self.model = model
+        self.version = version
+        self.policy = policy
+        self._executor = executor
+        self._observer = observer or Observer()
+        self._queues: dict[tuple[Any, ...], _ShapeQueue] = {}
+        self._queued = 0
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(policy.instances)
+        self._wake = asyncio.Event()
+        self._draining = False
+        self._closed = False
+        self._dispatcher: asyncio.Task[None] | None = None
+
+    @property
+    def queued(self) -> int:
+        return self._queued
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def start(self) -> None:
+        if self._dispatcher is None:
+            self._dispatcher = asyncio.get_running_loop().create_task(
+                self._dispatch_forever(), name=f"batcher:{self.model}:{self.version}"
+            )
+
+    async def submit(self, request: InferRequest) -> InferResult:
+        if self._draining:
+            self._reject(RejectReason.UNAVAILABLE)
+            raise Unavailable(f"model '{self.model}' version {self.version} is unloading")
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        entry = _Entry(
+            request,
+            loop.create_future(),
+            now,
+            request.priority or self.policy.default_priority,
+            self.policy.max_batch_size > 0,
+        )
+        if entry.rows > self.policy.batch_limit:
+            self._reject(RejectReason.INVALID)
+            raise InvalidInput(
+                f"batch dimension {entry.rows} exceeds max_batch_size "
+                f"{self.policy.max_batch_size} of model '{self.model}'"
+            )
+        if request.deadline is not None and request.deadline <= now:
+            self._reject(RejectReason.DEADLINE)
+            raise DeadlineExceeded("deadline passed before the request was queued")
+        if self._queued >= self.policy.max_queue_size:
+            self._reject(RejectReason.QUEUE_FULL)
+            raise QueueFull(
+                f"queue of model '{self.model}' version {self.version} is full "
+                f"(max_queue_size={self.policy.max_queue_size})"
+            )
+        self.start()
+        queue = self._queues.get(entry.key)
+        if queue is None:
+            queue = self._queues[entry.key] = _ShapeQueue()
+        queue.push(entry)
+        self._queued += 1
+        self._observer.queue_depth_changed(self.model, self.version, self._queued)
+        self._wake.set()
+        try:
+            if request.deadline is None:
+                return await entry.future
+            async with asyncio.timeout_at(request.deadline):
+                return await entry.future
+        except TimeoutError:
+            if self._unqueue(entry):
+                self._reject(RejectReason.DEADLINE)
+                raise DeadlineExceeded(
+                    f"deadline passed after {loop.time() - entry.arrival:.6f} s in the queue"
+                ) from None
+            raise DeadlineExceeded("deadline passed while the request's batch executed") from None
+        except asyncio.CancelledError:
+            if self._unqueue(entry):
+                self._reject(RejectReason.CANCELLED)
+            raise
+
+    async def drain(self) -> None:
+        """Stop accepting; execute everything already queued, without waiting for batches to
+        fill; return once every accepted request has been answered."""
+        self._draining = True
+        self._wake.set()
+        if self._dispatcher is not None:
+            await self._dispatcher
+        while self._in_flight:
+            await asyncio.gather(*self._in_flight, return_exceptions=True)
+
+    async def close(self) -> None:
+        """Drain, then refuse everything from now on."""
+        await self.drain()
+        self._closed = True
+
+    def _reject(self, reason: RejectReason) -> None:
+        self._observer.request_rejected(self.model, self.version, reason)
+
+    def _unqueue(self, entry: _Entry) -> bool:
+        """Remove a still-queued entry (its caller gave up); False if it already left."""
+        if entry.state is not _State.QUEUED:
+            return False
+        queue = self._queues[entry.key]
+        queue.remove(entry)
+        if not queue.count:
+            del self._queues[entry.key]
+        self._queued -= 1
+        entry.state = _State.GONE
+        self._observer.queue_depth_changed(self.model, self.version, self._queued)
+        return True
+
+    async def _dispatch_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._slots.acquire()
+            batch = await self._next_batch(loop)
+            if batch is None:
+                self._slots.release()
+                return
+            task = loop.create_task(self._execute(batch, loop))
+            self._in_flight.add(task)
+            task.add_done_callback(self._in_flight.discard)
+
+    async def _next_batch(self, loop: asyncio.AbstractEventLoop) -> list[_Entry] | None:
+        while True:
+            now = loop.time()
+            chosen: _ShapeQueue | None = None
+            chosen_key: tuple[Any, ...] = ()
+            wake_at: float | None = None
+            for key, queue in self._queues.items():
+                ready, at = queue.readiness(self.policy, now)
+                if self._draining:
+                    ready = True
+                if ready:
+                    if chosen is None or queue.oldest_arrival() < chosen.oldest_arrival():
+                        chosen, chosen_key = queue, key
+                elif wake_at is None or at < wake_at:
+                    wake_at = at
+            if chosen is not None:
+                batch = self._take_live(chosen, chosen_key, now)
+                if batch:
+                    return batch
+                continue
+            if self._draining:
+                return None
+            self._wake.clear()
+            try:
+                if wake_at is None:
+                    await self._wake.wait()
+                else:
+                    async with asyncio.timeout_at(wake_at):
+                        await self._wake.wait()
+            except TimeoutError:
+                pass
+
+    def _take_live(self, queue: _ShapeQueue, key: tuple[Any, ...], now: float) -> list[_Entry]:
+        """Take the next batch from `queue`, answering (never executing) entries whose deadline
+        has passed or whose caller is gone."""
+        batch = queue.take(self.policy, now)
+        if not queue.count:
+            del self._queues[key]
+        self._queued -= len(batch)
+        self._observer.queue_depth_changed(self.model, self.version, self._queued)
+        live: list[_Entry] = []
+        for entry in batch:
+            entry.state = _State.RUNNING
+            if entry.future.done():
+                self._reject(RejectReason.CANCELLED)
+            elif entry.request.deadline is not None and entry.request.deadline <= now:
+                self._reject(RejectReason.DEADLINE)
+                entry.future.set_exception(
+                    DeadlineExceeded(
+                        f"deadline passed after {now - entry.arrival:.6f} s in the queue"
+                    )
+                )
+            else:
+                live.append(entry)
+        return live
+
+    async def _execute(self, batch: list[_Entry], loop: asyncio.AbstractEventLoop) -> None:
+        rows = sum(entry.rows for entry in batch)
+        started = loop.time()
+        queue_times = [started - entry.arrival for entry in batch]
+        self._observer.batch_started(self.model, self.version, rows, len(self._in_flight))
+        wanted = self._union_of_outputs(batch)
+        error: BaseException | None = None
+        try:
+            results = await self._executor.execute([e.request.inputs for e in batch], wanted)
+            if len(results) != len(batch):
+                raise RuntimeError(f"executor returned {len(results)} results for {len(batch)}")
+        except BaseException as exc:
+            error = exc
+        finally:
+            self._slots.release()
+            compute_time = loop.time() - started
+            self._observer.batch_finished(
+                self.model,
+                self.version,
+                rows,
+                queue_times,
+                compute_time,
+                error,
+                len(self._in_flight) - 1,
+            )
+        if error is not None:
+            failure = InferenceFailed(
+                f"model '{self.model}' version {self.version} failed on a batch of {rows} rows: "
+                f"{error}"
+            )
+            for entry in batch:
+                if not entry.future.done():
+                    entry.future.set_exception(failure)
+            if isinstance(error, asyncio.CancelledError):
+                raise error
+            return
+        for entry, outputs, queue_time in zip(batch, results, queue_times, strict=True):
+            if entry.future.done():
+                continue
+            requested = entry.request.outputs
+            entry.future.set_result(
+                InferResult(
+                    model=self.model,
+                    version=self.version,
+                    outputs={n: outputs[n] for n in requested} if requested else outputs,
+                    queue_time=queue_time,
+                    compute_time=compute_time,
+                    batch_rows=rows,
+                )
+            )
+
+    @staticmethod
+    def _union_of_outputs(batch: list[_Entry]) -> tuple[str, ...]:
+        names: dict[str, None] = {}
+        for entry in batch:
+            if not entry.request.outputs:
+                return ()
+            names.update(dict.fromkeys(entry.request.outputs))
+        return tuple(names)

@@ -1,0 +1,292 @@
+"""The model registry: which model versions exist, their state, and where a request goes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from server.core.batcher import Batcher, BatchExecutor, BatchingPolicy
+from server.core.errors import ModelNotFound, Unavailable
+from server.core.model_config import ModelConfig, ModelDefaults
+from server.core.observer import MultiObserver, Observer
+from server.core.repository import ModelRepository, validate_model_name
+from server.core.runtime import OnnxRuntimeSession, resolve_providers
+from server.core.signature import GraphTensor, derive_signature
+from server.core.statistics import StatisticsRecorder, VersionStatistics
+from server.core.types import InferRequest, InferResult, ModelSignature, ModelState
+
+log = logging.getLogger(__name__)
+
+
+class ModelSession(BatchExecutor, Protocol):
+    """What the registry needs of a loaded model (OnnxRuntimeSession, or a fake in tests)."""
+
+    providers: tuple[str, ...]
+    inputs: tuple[GraphTensor, ...]
+    outputs: tuple[GraphTensor, ...]
+
+    def close(self) -> None: ...
+
+
+SessionFactory = Callable[[Path, ModelConfig, ModelDefaults, str], ModelSession]
+
+
+def onnxruntime_session(
+    path: Path, config: ModelConfig, defaults: ModelDefaults, name: str
+) -> ModelSession:
+    providers = resolve_providers(
+        config.execution_providers or defaults.execution_providers, config.provider_options
+    )
+    threads = config.intra_op_threads
+    return OnnxRuntimeSession(
+        path,
+        providers,
+        intra_op_threads=defaults.intra_op_threads if threads is None else threads,
+        instances=config.instances or defaults.instances,
+        name=name,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ModelStatusEvent:
+    model: str
+    version: int
+    state: ModelState
+    reason: str
+    # Seconds since the epoch.
+    time: float
+
+
+@dataclass(eq=False)
+class ModelVersion:
+    """One version of one model: its state and, when READY, its session and batcher."""
+
+    name: str
+    version: int
+    path: Path
+    config: ModelConfig
+    state: ModelState = ModelState.UNKNOWN
+    reason: str = ""
+    last_change: float = field(default_factory=time.time)
+    statistics: VersionStatistics = field(default_factory=VersionStatistics)
+    signature: ModelSignature | None = None
+    policy: BatchingPolicy | None = None
+    default_timeout: float | None = None
+    providers: tuple[str, ...] = ()
+    session: ModelSession | None = None
+    batcher: Batcher | None = None
+
+    async def infer(self, request: InferRequest) -> InferResult:
+        if self.batcher is None or self.state is not ModelState.READY:
+            raise Unavailable(
+                f"model '{self.name}' version {self.version} is {self.state.value.lower()}"
+            )
+        return await self.batcher.submit(request)
+
+
+class _Subscription:
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.events: asyncio.Queue[ModelStatusEvent] = asyncio.Queue(maxsize=1024)
+        self.overflowed = False
+
+
+class ModelRegistry:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        defaults: ModelDefaults | None = None,
+        observer: Observer | None = None,
+        session_factory: SessionFactory = onnxruntime_session,
+    ) -> None:
+        self.repository = repository
+        self.defaults = defaults or ModelDefaults()
+        self._observer = observer or Observer()
+        self._session_factory = session_factory
+        self._models: dict[str, dict[int, ModelVersion]] = {}
+        self._subscriptions: set[_Subscription] = set()
+        self._accepting = True
+
+    # -- loading ---------------------------------------------------------------------------
+
+    async def load_repository(self) -> None:
+        """Scan the repository and load every version its policy selects. A version that fails
+        to load is FAILED with the reason; the others serve."""
+        sources, problems = await asyncio.to_thread(self.repository.scan)
+        for problem in problems:
+            log.error("model '%s' skipped: %s", problem.name, problem.reason)
+        for source in sources:
+            for number, path in sorted(source.selected_versions().items()):
+                await self.load_version(source.name, number, path, source.config)
+
+    async def load_version(
+        self, name: str, number: int, path: Path, config: ModelConfig
+    ) -> ModelVersion:
+        version = ModelVersion(name, number, path, config)
+        self._models.setdefault(name, {})[number] = version
+        self._transition(version, ModelState.LOADING, "")
+        started = time.perf_counter()
+        try:
+            session = await asyncio.to_thread(
+                self._session_factory, path, config, self.defaults, f"{name}-{number}"
+            )
+        except Exception as exc:
+            reason = f"loading {path} failed: {_first_line(exc)}"
+            self._transition(version, ModelState.FAILED, reason, time.perf_counter() - started)
+            log.error("model '%s' version %d: %s", name, number, reason)
+            return version
+        try:
+            signature = derive_signature(session.inputs, session.outputs, config, self.defaults)
+            policy = self._policy(config, signature)
+        except Exception as exc:
+            await asyncio.to_thread(session.close)
+            reason = getattr(exc, "message", None) or str(exc)
+            self._transition(version, ModelState.FAILED, reason, time.perf_counter() - started)
+            log.error("model '%s' version %d: %s", name, number, reason)
+            return version
+        version.session = session
+        version.signature = signature
+        version.policy = policy
+        version.providers = session.providers
+        timeout_us = (
+            config.default_timeout_us
+            if config.default_timeout_us is not None
+            else self.defaults.default_timeout_us
+        )
+        version.default_timeout = timeout_us / 1e6 if timeout_us else None
+        version.batcher = Batcher(
+            name,
+            number,
+            policy,
+            session,
+            MultiObserver([self._observer, StatisticsRecorder(version.statistics)]),
+        )
+        self._transition(version, ModelState.READY, "", load_time=time.perf_counter() - started)
+        log.info(
+            "model '%s' version %d READY on %s (max_batch_size=%d)",
+            name,
+            number,
+            ",".join(session.providers),
+            signature.max_batch_size,
+        )
+        return version
+
+    def _policy(self, config: ModelConfig, signature: ModelSignature) -> BatchingPolicy:
+        d = self.defaults
+        delay_us = config.max_queue_delay_us
+        return BatchingPolicy(
+            max_batch_size=signature.max_batch_size,
+            max_queue_delay=(d.max_queue_delay_us if delay_us is None else delay_us) / 1e6,
+            preferred_batch_sizes=config.preferred_batch_sizes if signature.batches else (),
+            max_queue_size=config.max_queue_size or d.max_queue_size,
+            instances=config.instances or d.instances,
+            default_priority=config.default_priority,
+        )
+
+    # -- routing ---------------------------------------------------------------------------
+
+    def resolve(self, name: str, version: int | None = None) -> ModelVersion:
+        """The READY version a request goes to: the one named, or the newest READY one."""
+        if not self._accepting:
+            raise Unavailable("server is shutting down")
+        versions = self._models.get(name)
+        if versions is None:
+            validate_model_name(name)
+            raise ModelNotFound(f"model '{name}' is not served")
+        if version is not None:
+            found = versions.get(version)
+            if found is None or found.state is not ModelState.READY:
+                state = found.state.value if found else "not served"
+                ready = sorted(v for v, mv in versions.items() if mv.state is ModelState.READY)
+                raise ModelNotFound(
+                    f"model '{name}' version {version} is {state}; ready versions: {ready}"
+                )
+            return found
+        for number in sorted(versions, reverse=True):
+            if versions[number].state is ModelState.READY:
+                return versions[number]
+        raise ModelNotFound(f"model '{name}' has no READY version")
+
+    def model_names(self) -> list[str]:
+        return sorted(self._models)
+
+    def versions(self, name: str) -> list[ModelVersion]:
+        """Every version the server knows of a model, any state, ascending."""
+        versions = self._models.get(name)
+        if versions is None:
+            raise ModelNotFound(f"model '{name}' is not served")
+        return [versions[v] for v in sorted(versions)]
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    # -- state changes ---------------------------------------------------------------------
+
+    def _transition(
+        self, version: ModelVersion, state: ModelState, reason: str, load_time: float | None = None
+    ) -> None:
+        version.state = state
+        version.reason = reason
+        version.last_change = time.time()
+        self._observer.model_state_changed(version.name, version.version, state, reason, load_time)
+        event = ModelStatusEvent(version.name, version.version, state, reason, version.last_change)
+        for sub in self._subscriptions:
+            if sub.model and sub.model != version.name:
+                continue
+            try:
+                sub.events.put_nowait(event)
+            except asyncio.QueueFull:
+                sub.overflowed = True
+
+    async def watch(self, model: str = "") -> AsyncIterator[ModelStatusEvent]:
+        """The current state of every matching version, then each change as it happens. Ends
+        (with OverflowError) if the caller falls more than 1024 events behind."""
+        if model:
+            self.versions(model)
+        sub = _Subscription(model)
+        self._subscriptions.add(sub)
+        try:
+            for name in [model] if model else self.model_names():
+                for v in self.versions(name):
+                    yield ModelStatusEvent(v.name, v.version, v.state, v.reason, v.last_change)
+            while True:
+                event = await sub.events.get()
+                if sub.overflowed:
+                    raise OverflowError("status watcher fell more than 1024 events behind")
+                yield event
+        finally:
+            self._subscriptions.discard(sub)
+
+    # -- shutdown --------------------------------------------------------------------------
+
+    async def shutdown(self) -> None:
+        """Refuse new requests, answer every accepted one, then unload every version."""
+        self._accepting = False
+        ready = [v for vs in self._models.values() for v in vs.values() if v.batcher is not None]
+        for version in ready:
+            self._transition(version, ModelState.UNLOADING, "server shutting down")
+        await asyncio.gather(*(self._unload(v) for v in ready))
+
+    async def _unload(self, version: ModelVersion) -> None:
+        if version.batcher is not None:
+            await version.batcher.close()
+        if version.session is not None:
+            await asyncio.to_thread(version.session.close)
+        version.session = None
+        version.batcher = None
+        self._transition(version, ModelState.UNLOADED, version.reason)
+
+    def all_versions(self) -> Sequence[ModelVersion]:
+        return [v for vs in self._models.values() for v in vs.values()]
+
+
+def _first_line(exc: BaseException) -> str:
+    """ONNX Runtime's load errors run to many lines; the first names the problem."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else repr(exc)
