@@ -25,6 +25,8 @@ from server.observability.metrics import PrometheusObserver
 
 log = logging.getLogger(__name__)
 
+QUIET_PERIOD = 0.1
+
 SERVICE_NAMES = (
     predict_pb2.DESCRIPTOR.services_by_name["Predict"].full_name,
     model_status_pb2.DESCRIPTOR.services_by_name["ModelStatus"].full_name,
@@ -116,12 +118,26 @@ class InferenceServer:
             await asyncio.wait_for(self.registry.shutdown(), timeout=grace)
         except TimeoutError:
             log.error("grace period of %.1f s ran out with requests still executing", grace)
+        await self._quiesce(deadline)
         if self._grpc is not None:
             await self._grpc.stop(grace=max(deadline - time.monotonic(), 0.5))
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
         self._stopped.set()
         log.info("inferd stopped")
+
+    async def _quiesce(self, deadline: float) -> None:
+        """Keep answering UNAVAILABLE until clients stop sending (QUIET_PERIOD without one),
+        or the grace period ends. Stopping the transport at once would reset calls that were
+        in transit but not yet handed to a handler, and their clients would see CANCELLED
+        instead of a retryable UNAVAILABLE."""
+        loop = asyncio.get_running_loop()
+        while True:
+            quiet_for = loop.time() - self.registry.last_refused
+            left = deadline - time.monotonic()
+            if quiet_for >= QUIET_PERIOD or left <= 0:
+                return
+            await asyncio.sleep(min(QUIET_PERIOD - quiet_for, left))
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()

@@ -109,7 +109,8 @@ def _status(args: argparse.Namespace) -> int:
         except InferError as exc:
             print(f"error: {exc.code.name}: {exc.details}", file=sys.stderr)
             return 1
-    print(f"{'MODEL':<20} {'VERSION':>7} {'STATE':<10} {'OK':>8} {'FAIL':>6} {'BATCHES':>8}  REASON")
+    header = ("MODEL", "VERSION", "STATE", "OK", "FAIL", "BATCHES")
+    print("{:<20} {:>7} {:<10} {:>8} {:>6} {:>8}  REASON".format(*header))
     for name, versions in models.items():
         for v in versions:
             s = v.statistics

@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator, Iterable
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
+
+from client.wire import to_wire
 from inferd.v1 import (
     model_status_pb2,
     model_status_pb2_grpc,
@@ -16,8 +18,6 @@ from inferd.v1 import (
     predict_pb2_grpc,
     tensor_pb2,
 )
-
-from client.wire import to_wire
 from server.api import inference
 from server.api.status import status_code
 from server.core.errors import InferdError, ModelNotFound

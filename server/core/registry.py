@@ -111,6 +111,8 @@ class ModelRegistry:
         self._models: dict[str, dict[int, ModelVersion]] = {}
         self._subscriptions: set[_Subscription] = set()
         self._accepting = True
+        # Loop time of the last request refused because the server is shutting down.
+        self.last_refused = 0.0
 
     # -- loading ---------------------------------------------------------------------------
 
@@ -193,6 +195,7 @@ class ModelRegistry:
     def resolve(self, name: str, version: int | None = None) -> ModelVersion:
         """The READY version a request goes to: the one named, or the newest READY one."""
         if not self._accepting:
+            self.last_refused = asyncio.get_running_loop().time()
             raise Unavailable("server is shutting down")
         versions = self._models.get(name)
         if versions is None:

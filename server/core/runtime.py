@@ -153,4 +153,3 @@ class OnnxRuntimeSession:
         """Wait for running batches, then drop the session and its memory."""
         self._pool.shutdown(wait=True)
         del self._session
-
