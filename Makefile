@@ -8,7 +8,7 @@ PORT ?= 8001
 METRICS_PORT ?= 8002
 MODELS ?= models
 
-.PHONY: install gen models serve test lint unit integration clean
+.PHONY: install gen models serve test test-deps lint unit integration clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,7 +34,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy server/core
 
-test: lint
+test-deps:
+	scripts/install_test_deps.sh
+
+test: lint test-deps
 	$(PY) -m pytest
 
 unit: $(STAMP)

@@ -13,6 +13,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.sdk.trace import SpanProcessor
 
 from inferd.v1 import model_status_pb2, model_status_pb2_grpc, predict_pb2, predict_pb2_grpc
 from server.api.inference import Limits
@@ -21,7 +22,15 @@ from server.config import ServerConfig
 from server.core.observer import MultiObserver, Observer
 from server.core.registry import ModelRegistry, SessionFactory, onnxruntime_session
 from server.core.repository import ModelRepository
+from server.observability.gpu import GpuCollector
+from server.observability.logging import AccessLog
 from server.observability.metrics import PrometheusObserver
+from server.observability.tracing import (
+    RequestTracing,
+    TracingObserver,
+    server_interceptor,
+    tracer_provider,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +55,20 @@ class InferenceServer:
         config: ServerConfig,
         observer: Observer | None = None,
         session_factory: SessionFactory = onnxruntime_session,
+        span_processor: SpanProcessor | None = None,
     ) -> None:
         self.config = config
-        self.metrics = PrometheusObserver()
-        self.observer: Observer = (
-            MultiObserver([self.metrics, observer]) if observer else self.metrics
-        )
+        self.metrics = PrometheusObserver(latency_buckets=config.latency_buckets)
+        self.gpu_metrics = GpuCollector()
+        self.metrics.registry.register(self.gpu_metrics)
+        self.tracer_provider = tracer_provider(config.tracing, span_processor)
+        observers: list[Observer] = [self.metrics, AccessLog(config.access_log_sample_ratio)]
+        if self.tracer_provider is not None:
+            observers.append(TracingObserver(self.tracer_provider))
+        if observer is not None:
+            observers.append(observer)
+        self.observer: Observer = MultiObserver(observers)
+        self.request_tracing = RequestTracing(self.tracer_provider)
         self.registry = ModelRegistry(
             ModelRepository(config.model_repository),
             config.models,
@@ -69,12 +86,18 @@ class InferenceServer:
         """Load the models, then listen. Health reports SERVING once everything listens."""
         c = self.config
         await self.registry.load_repository()
-        server = grpc.aio.server(options=channel_options(c.max_message_bytes))
+        interceptors = []
+        if self.tracer_provider is not None:
+            interceptors.append(server_interceptor(self.tracer_provider))
+        server = grpc.aio.server(
+            interceptors=interceptors, options=channel_options(c.max_message_bytes)
+        )
         predict_pb2_grpc.add_PredictServicer_to_server(
             PredictServicer(
                 self.registry,
                 Limits(max_elements=c.max_elements_per_request),
                 self.observer,
+                self.request_tracing,
                 stream_window=c.stream_window,
             ),
             server,
@@ -123,6 +146,8 @@ class InferenceServer:
             await self._grpc.stop(grace=max(deadline - time.monotonic(), 0.5))
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
+        if self.tracer_provider is not None:
+            self.tracer_provider.shutdown()
         self._stopped.set()
         log.info("inferd stopped")
 
@@ -131,9 +156,8 @@ class InferenceServer:
         or the grace period ends. Stopping the transport at once would reset calls that were
         in transit but not yet handed to a handler, and their clients would see CANCELLED
         instead of a retryable UNAVAILABLE."""
-        loop = asyncio.get_running_loop()
         while True:
-            quiet_for = loop.time() - self.registry.last_refused
+            quiet_for = time.monotonic() - self.registry.last_refused
             left = deadline - time.monotonic()
             if quiet_for >= QUIET_PERIOD or left <= 0:
                 return

@@ -19,6 +19,9 @@ from pydantic_settings import (
 )
 
 from server.core.model_config import ModelDefaults
+from server.observability.logging import LogFormat
+from server.observability.metrics import LATENCY_BUCKETS
+from server.observability.tracing import TracingConfig
 
 
 class ServerConfig(BaseSettings):
@@ -55,6 +58,18 @@ class ServerConfig(BaseSettings):
     """On SIGTERM/SIGINT: how long to finish accepted requests before exiting anyway."""
 
     log_level: str = "INFO"
+
+    log_format: LogFormat = "json"
+    """json: one JSON object per line, with trace and span ids inside traced requests."""
+
+    access_log_sample_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    """Fraction of requests logged on the `inferd.access` logger (0: none)."""
+
+    latency_buckets: tuple[float, ...] = LATENCY_BUCKETS
+    """Histogram buckets (seconds) of the request, queue and compute duration metrics."""
+
+    tracing: TracingConfig = Field(default_factory=TracingConfig)
+    """OpenTelemetry: exporter (none, console, otlp_grpc, otlp_http), endpoint, sample ratio."""
 
     models: ModelDefaults = Field(default_factory=ModelDefaults)
     """Defaults for what a model's config.toml leaves out."""

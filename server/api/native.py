@@ -24,6 +24,7 @@ from server.core.errors import InferdError, ModelNotFound
 from server.core.observer import Observer
 from server.core.registry import ModelRegistry, ModelStatusEvent, ModelVersion
 from server.core.types import InferResult, ModelState
+from server.observability.tracing import RequestTracing
 
 PROTOCOL = "native"
 
@@ -43,11 +44,13 @@ class PredictServicer(predict_pb2_grpc.PredictServicer):
         registry: ModelRegistry,
         limits: inference.Limits,
         observer: Observer,
+        tracing: RequestTracing,
         stream_window: int = 256,
     ) -> None:
         self._registry = registry
         self._limits = limits
         self._observer = observer
+        self._tracing = tracing
         self._stream_window = stream_window
 
     async def Predict(
@@ -127,9 +130,11 @@ class PredictServicer(predict_pb2_grpc.PredictServicer):
                 priority=request.priority,
                 timeout_us=request.timeout_us,
                 time_remaining=time_remaining,
+                trace_context=self._tracing.context(),
             )
             version = target.version
-            return _response(request, result)
+            with self._tracing.encode_span():
+                return _response(request, result)
         except InferdError as exc:
             code = status_code(exc)
             raise
@@ -137,6 +142,7 @@ class PredictServicer(predict_pb2_grpc.PredictServicer):
             code = grpc.StatusCode.CANCELLED
             raise
         finally:
+            self._tracing.annotate(request.model, version, request.id)
             self._observer.request_finished(
                 PROTOCOL, request.model, version, code.name, time.perf_counter() - started
             )
@@ -228,13 +234,13 @@ def _version_statuses(versions: Iterable[ModelVersion]) -> list[model_status_pb2
                 reason=v.reason,
                 last_change=_timestamp(v.last_change),
                 statistics=model_status_pb2.VersionStatistics(
-                    request_success=s.request_success,
-                    request_failure=s.request_failure,
+                    request_success=s.success.count,
+                    request_failure=s.failure.count,
                     inference_count=s.inference_count,
                     execution_count=s.execution_count,
-                    queue_ns=s.queue_ns,
-                    compute_ns=s.compute_ns,
-                    batch_sizes=dict(s.batch_sizes),
+                    queue_ns=s.queue.ns,
+                    compute_ns=s.compute_input.ns + s.compute_infer.ns + s.compute_output.ns,
+                    batch_sizes=s.batch_sizes,
                 ),
             )
         )

@@ -26,17 +26,28 @@ from server.core.errors import (
     QueueFull,
     Unavailable,
 )
-from server.core.observer import Observer, RejectReason
+from server.core.observer import BatchReport, Observer, RejectReason
 from server.core.types import Array, InferRequest, InferResult, rows_of, shape_key_of
 
 
+@dataclass(frozen=True, slots=True)
+class BatchRun:
+    """What an executor returns: each request's outputs, in batch order, and where the time
+    went (seconds): preparing inputs, running the model, splitting outputs."""
+
+    outputs: list[dict[str, Array]]
+    input_time: float = 0.0
+    infer_time: float = 0.0
+    output_time: float = 0.0
+
+
 class BatchExecutor(Protocol):
-    """Runs one batch: each element of `batch` is one request's inputs; returns each request's
-    outputs in the same order. `outputs` lists the names to compute (empty: all)."""
+    """Runs one batch: each element of `batch` is one request's inputs. `outputs` lists the
+    names to compute (empty: all)."""
 
     async def execute(
         self, batch: Sequence[Mapping[str, Array]], outputs: Sequence[str]
-    ) -> list[dict[str, Array]]: ...
+    ) -> BatchRun: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +99,9 @@ class BatchingPolicy:
     def batch_limit(self) -> int:
         """Rows one execution may hold: a model without a batch dim runs requests one by one."""
         return self.max_batch_size if self.max_batch_size > 0 else 1
+
+
+_TIMER_SLACK = 1e-6
 
 
 class _State(enum.Enum):
@@ -149,7 +163,13 @@ class _ShapeQueue:
     def readiness(self, policy: BatchingPolicy, now: float) -> tuple[bool, float]:
         """(ready now, else the loop time at which the delay makes it ready)."""
         ready_at = self.oldest_arrival() + policy.max_queue_delay
-        if policy.max_batch_size == 0 or self.rows >= policy.max_batch_size or ready_at <= now:
+        # asyncio fires a timer up to its clock resolution early, and float sums land a hair
+        # short; without the slack the dispatcher would wake, find nothing ready, and spin.
+        if (
+            policy.max_batch_size == 0
+            or self.rows >= policy.max_batch_size
+            or ready_at <= now + _TIMER_SLACK
+        ):
             return True, now
         if policy.preferred_batch_sizes and self._preferred_prefix(policy) is not None:
             return True, now
@@ -173,7 +193,7 @@ class _ShapeQueue:
         if (
             policy.preferred_batch_sizes
             and self.rows < policy.max_batch_size
-            and self.oldest_arrival() + policy.max_queue_delay > now
+            and self.oldest_arrival() + policy.max_queue_delay > now + _TIMER_SLACK
         ):
             limit = self._preferred_prefix(policy)
         batch: list[_Entry] = []
@@ -387,29 +407,39 @@ class Batcher:
     async def _execute(self, batch: list[_Entry], loop: asyncio.AbstractEventLoop) -> None:
         rows = sum(entry.rows for entry in batch)
         started = loop.time()
-        queue_times = [started - entry.arrival for entry in batch]
+        queue_times = tuple(started - entry.arrival for entry in batch)
         self._observer.batch_started(self.model, self.version, rows, len(self._in_flight))
         wanted = self._union_of_outputs(batch)
+        run: BatchRun | None = None
         error: BaseException | None = None
         try:
-            results = await self._executor.execute([e.request.inputs for e in batch], wanted)
-            if len(results) != len(batch):
-                raise RuntimeError(f"executor returned {len(results)} results for {len(batch)}")
+            run = await self._executor.execute([e.request.inputs for e in batch], wanted)
+            if len(run.outputs) != len(batch):
+                raise RuntimeError(
+                    f"executor returned {len(run.outputs)} results for {len(batch)} requests"
+                )
         except BaseException as exc:
             error = exc
         finally:
             self._slots.release()
             compute_time = loop.time() - started
             self._observer.batch_finished(
-                self.model,
-                self.version,
-                rows,
-                queue_times,
-                compute_time,
-                error,
-                len(self._in_flight) - 1,
+                BatchReport(
+                    model=self.model,
+                    version=self.version,
+                    rows=rows,
+                    queue_times=queue_times,
+                    trace_contexts=tuple(e.request.trace_context for e in batch),
+                    compute_time=compute_time,
+                    input_time=run.input_time if run and error is None else 0.0,
+                    infer_time=run.infer_time if run and error is None else 0.0,
+                    output_time=run.output_time if run and error is None else 0.0,
+                    error=error,
+                    in_flight=len(self._in_flight) - 1,
+                    abandoned=tuple(e.future.done() for e in batch),
+                )
             )
-        if error is not None:
+        if error is not None or run is None:
             failure = InferenceFailed(
                 f"model '{self.model}' version {self.version} failed on a batch of {rows} rows: "
                 f"{error}"
@@ -420,15 +450,22 @@ class Batcher:
             if isinstance(error, asyncio.CancelledError):
                 raise error
             return
-        for entry, outputs, queue_time in zip(batch, results, queue_times, strict=True):
+        for entry, outputs, queue_time in zip(batch, run.outputs, queue_times, strict=True):
             if entry.future.done():
                 continue
             requested = entry.request.outputs
+            try:
+                selected = {n: outputs[n] for n in requested} if requested else outputs
+            except KeyError as exc:
+                entry.future.set_exception(
+                    InferenceFailed(f"model '{self.model}' returned no output {exc}")
+                )
+                continue
             entry.future.set_result(
                 InferResult(
                     model=self.model,
                     version=self.version,
-                    outputs={n: outputs[n] for n in requested} if requested else outputs,
+                    outputs=selected,
                     queue_time=queue_time,
                     compute_time=compute_time,
                     batch_rows=rows,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from server.core.types import ModelState
 
@@ -21,6 +23,34 @@ class RejectReason(enum.Enum):
     UNAVAILABLE = "unavailable"
 
 
+@dataclass(frozen=True, slots=True)
+class BatchReport:
+    """One executed (or failed) batch."""
+
+    model: str
+    version: int
+    rows: int
+    # Per request of the batch, in batch order: its wait in the queue (seconds) and the trace
+    # context its frontend attached (opaque to the core).
+    queue_times: tuple[float, ...]
+    trace_contexts: tuple[Any, ...]
+    # Seconds: the whole execution, and the runtime's split of it.
+    compute_time: float
+    input_time: float
+    infer_time: float
+    output_time: float
+    error: BaseException | None
+    # Batches of this version still executing after this one.
+    in_flight: int
+    # Per request: True when its caller gave up (deadline, cancel) while the batch executed, so
+    # it is not answered with outputs.
+    abandoned: tuple[bool, ...] = ()
+
+    @property
+    def requests(self) -> int:
+        return len(self.queue_times)
+
+
 class Observer:
     def request_rejected(self, model: str, version: int, reason: RejectReason) -> None:
         """A request was answered without executing it."""
@@ -28,20 +58,14 @@ class Observer:
     def queue_depth_changed(self, model: str, version: int, depth: int) -> None:
         """Requests waiting in the version's queue, after a change."""
 
+    def queue_capacity_set(self, model: str, version: int, capacity: int) -> None:
+        """The version's max_queue_size, once it is READY."""
+
     def batch_started(self, model: str, version: int, rows: int, in_flight: int) -> None:
         """A batch left the queue for the runtime; `in_flight` counts it."""
 
-    def batch_finished(
-        self,
-        model: str,
-        version: int,
-        rows: int,
-        queue_times: Sequence[float],
-        compute_time: float,
-        error: BaseException | None,
-        in_flight: int,
-    ) -> None:
-        """A batch returned (or failed); `queue_times` holds each of its requests' waits."""
+    def batch_finished(self, report: BatchReport) -> None:
+        """A batch returned, or failed (`report.error`)."""
 
     def model_state_changed(
         self, model: str, version: int, state: ModelState, reason: str, load_time: float | None
@@ -68,22 +92,17 @@ class MultiObserver(Observer):
         for o in self._observers:
             o.queue_depth_changed(model, version, depth)
 
+    def queue_capacity_set(self, model: str, version: int, capacity: int) -> None:
+        for o in self._observers:
+            o.queue_capacity_set(model, version, capacity)
+
     def batch_started(self, model: str, version: int, rows: int, in_flight: int) -> None:
         for o in self._observers:
             o.batch_started(model, version, rows, in_flight)
 
-    def batch_finished(
-        self,
-        model: str,
-        version: int,
-        rows: int,
-        queue_times: Sequence[float],
-        compute_time: float,
-        error: BaseException | None,
-        in_flight: int,
-    ) -> None:
+    def batch_finished(self, report: BatchReport) -> None:
         for o in self._observers:
-            o.batch_finished(model, version, rows, queue_times, compute_time, error, in_flight)
+            o.batch_finished(report)
 
     def model_state_changed(
         self, model: str, version: int, state: ModelState, reason: str, load_time: float | None

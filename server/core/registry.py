@@ -111,7 +111,7 @@ class ModelRegistry:
         self._models: dict[str, dict[int, ModelVersion]] = {}
         self._subscriptions: set[_Subscription] = set()
         self._accepting = True
-        # Loop time of the last request refused because the server is shutting down.
+        # time.monotonic() of the last request refused because the server is shutting down.
         self.last_refused = 0.0
 
     # -- loading ---------------------------------------------------------------------------
@@ -142,6 +142,10 @@ class ModelRegistry:
             self._transition(version, ModelState.FAILED, reason, time.perf_counter() - started)
             log.error("model '%s' version %d: %s", name, number, reason)
             return version
+        if not self._accepting:
+            await asyncio.to_thread(session.close)
+            self._transition(version, ModelState.UNLOADED, "server shut down while loading")
+            return version
         try:
             signature = derive_signature(session.inputs, session.outputs, config, self.defaults)
             policy = self._policy(config, signature)
@@ -168,6 +172,7 @@ class ModelRegistry:
             session,
             MultiObserver([self._observer, StatisticsRecorder(version.statistics)]),
         )
+        self._observer.queue_capacity_set(name, number, policy.max_queue_size)
         self._transition(version, ModelState.READY, "", load_time=time.perf_counter() - started)
         log.info(
             "model '%s' version %d READY on %s (max_batch_size=%d)",
@@ -195,7 +200,7 @@ class ModelRegistry:
     def resolve(self, name: str, version: int | None = None) -> ModelVersion:
         """The READY version a request goes to: the one named, or the newest READY one."""
         if not self._accepting:
-            self.last_refused = asyncio.get_running_loop().time()
+            self.last_refused = time.monotonic()
             raise Unavailable("server is shutting down")
         versions = self._models.get(name)
         if versions is None:

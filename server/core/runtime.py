@@ -6,6 +6,7 @@ import asyncio
 import ctypes
 import functools
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from server.core.batcher import BatchRun
 from server.core.model_config import ProviderOptions
 from server.core.signature import GraphTensor
 from server.core.types import Array
@@ -117,23 +119,32 @@ class OnnxRuntimeSession:
 
     async def execute(
         self, batch: Sequence[Mapping[str, Array]], outputs: Sequence[str]
-    ) -> list[dict[str, Array]]:
+    ) -> BatchRun:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, self.run_batch, batch, outputs)
 
-    def run_batch(
-        self, batch: Sequence[Mapping[str, Array]], outputs: Sequence[str]
-    ) -> list[dict[str, Array]]:
+    def run_batch(self, batch: Sequence[Mapping[str, Array]], outputs: Sequence[str]) -> BatchRun:
         """Concatenate the requests along dim 0, run once, and split the outputs back (views,
         no copies). A single request runs as sent, without concatenation."""
         names = list(outputs) or self._output_names
+        t0 = time.perf_counter()
         if len(batch) == 1:
             feeds = batch[0]
         else:
             feeds = {k: np.concatenate([part[k] for part in batch]) for k in batch[0]}
+        t1 = time.perf_counter()
         results = self._session.run(names, feeds)
+        t2 = time.perf_counter()
         if len(batch) == 1:
-            return [dict(zip(names, results, strict=True))]
+            split = [dict(zip(names, results, strict=True))]
+        else:
+            split = self._split(batch, names, results)
+        return BatchRun(split, t1 - t0, t2 - t1, time.perf_counter() - t2)
+
+    @staticmethod
+    def _split(
+        batch: Sequence[Mapping[str, Array]], names: list[str], results: list[Array]
+    ) -> list[dict[str, Array]]:
         sizes = [len(next(iter(part.values()))) for part in batch]
         total = sum(sizes)
         for name, result in zip(names, results, strict=True):

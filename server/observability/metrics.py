@@ -7,7 +7,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from server.core.observer import Observer, RejectReason
+from server.core.observer import BatchReport, Observer, RejectReason
 from server.core.types import ModelState
 
 # 50 µs to ~13 s, doubling: covers a tiny model's queue wait and a slow CPU batch alike.
@@ -16,7 +16,11 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 class PrometheusObserver(Observer):
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        latency_buckets: Sequence[float] = LATENCY_BUCKETS,
+    ) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         mv = ("model", "version")
@@ -30,21 +34,21 @@ class PrometheusObserver(Observer):
             "inferd_request_duration_seconds",
             "From arrival at the frontend to the reply, any outcome",
             ("protocol", "model", "version"),
-            buckets=LATENCY_BUCKETS,
+            buckets=tuple(latency_buckets),
             registry=r,
         )
         self.queue_duration = Histogram(
             "inferd_queue_duration_seconds",
             "Time a request waited in the batcher's queue before its batch started",
             mv,
-            buckets=LATENCY_BUCKETS,
+            buckets=tuple(latency_buckets),
             registry=r,
         )
         self.compute_duration = Histogram(
             "inferd_compute_duration_seconds",
             "Time one batch took to execute (concatenate, run, split)",
             mv,
-            buckets=LATENCY_BUCKETS,
+            buckets=tuple(latency_buckets),
             registry=r,
         )
         self.batch_size = Histogram(
@@ -68,6 +72,9 @@ class PrometheusObserver(Observer):
         self.queue_depth = Gauge(
             "inferd_queue_depth", "Requests waiting in the batcher's queue", mv, registry=r
         )
+        self.queue_capacity = Gauge(
+            "inferd_queue_capacity", "The version's max_queue_size", mv, registry=r
+        )
         self.in_flight = Gauge("inferd_batches_in_flight", "Batches executing now", mv, registry=r)
         self.model_state = Gauge(
             "inferd_model_state",
@@ -88,30 +95,24 @@ class PrometheusObserver(Observer):
     def queue_depth_changed(self, model: str, version: int, depth: int) -> None:
         self.queue_depth.labels(model, str(version)).set(depth)
 
+    def queue_capacity_set(self, model: str, version: int, capacity: int) -> None:
+        self.queue_capacity.labels(model, str(version)).set(capacity)
+
     def batch_started(self, model: str, version: int, rows: int, in_flight: int) -> None:
         self.in_flight.labels(model, str(version)).set(in_flight)
 
-    def batch_finished(
-        self,
-        model: str,
-        version: int,
-        rows: int,
-        queue_times: Sequence[float],
-        compute_time: float,
-        error: BaseException | None,
-        in_flight: int,
-    ) -> None:
-        labels = (model, str(version))
-        self.in_flight.labels(*labels).set(in_flight)
-        if error is not None:
+    def batch_finished(self, report: BatchReport) -> None:
+        labels = (report.model, str(report.version))
+        self.in_flight.labels(*labels).set(report.in_flight)
+        if report.error is not None:
             self.batch_failures.labels(*labels).inc()
             return
         queue = self.queue_duration.labels(*labels)
-        for wait in queue_times:
+        for wait in report.queue_times:
             queue.observe(wait)
-        self.compute_duration.labels(*labels).observe(compute_time)
-        self.batch_size.labels(*labels).observe(rows)
-        self.inference_count.labels(*labels).inc(rows)
+        self.compute_duration.labels(*labels).observe(report.compute_time)
+        self.batch_size.labels(*labels).observe(report.rows)
+        self.inference_count.labels(*labels).inc(report.rows)
         self.execution_count.labels(*labels).inc()
 
     def model_state_changed(
