@@ -8,7 +8,7 @@ PORT ?= 8001
 METRICS_PORT ?= 8002
 MODELS ?= models
 
-.PHONY: install gen models serve test test-deps lint unit integration clean
+.PHONY: install gen models serve test test-deps lint unit integration perf-analyzer clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,5 +46,18 @@ unit: $(STAMP)
 integration: $(STAMP)
 	$(PY) -m pytest tests/integration
 
+# Triton's perf_analyzer against a running `make serve` (its set-up is cached under .venv/).
+PERF_MODEL ?= mlp
+PERF_CONCURRENCY ?= 1:4:3
+perf-analyzer: $(STAMP)
+	$(PY) scripts/perf_analyzer.py -m $(PERF_MODEL) -i grpc -u $(HOST):$(PORT) \
+		--concurrency-range $(PERF_CONCURRENCY)
+
 clean:
 	rm -rf $(VENV) $(MODELS) .pytest_cache .mypy_cache .ruff_cache
+
+# Benchmarks, not tests: starts its own servers (inferd, Triton, MLServer) on free loopback
+# ports, runs loadtest/scenarios/*.toml (~15 min here) and writes docs/benchmarks.md.
+.PHONY: bench
+bench: $(STAMP)
+	$(PY) -m loadtest.bench

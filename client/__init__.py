@@ -29,6 +29,7 @@ from client.sync import InferClient
 from client.types import (
     ModelMetadata,
     ModelStatusEvent,
+    RepositoryEntry,
     StreamRequest,
     StreamResult,
     TensorInfo,
@@ -44,6 +45,7 @@ __all__ = [
     "ModelMetadata",
     "ModelNotFoundError",
     "ModelStatusEvent",
+    "RepositoryEntry",
     "RequestCancelledError",
     "ServerBusyError",
     "StreamRequest",

@@ -14,13 +14,14 @@ from client.errors import InferError, error_from_status
 from client.types import (
     ModelMetadata,
     ModelStatusEvent,
+    RepositoryEntry,
     StreamRequest,
     StreamResult,
     TensorInfo,
     VersionStatus,
 )
 from client.wire import from_wire, to_wire
-from inferd.v1 import model_status_pb2, predict_pb2, tensor_pb2
+from inferd.v1 import model_repository_pb2, model_status_pb2, predict_pb2, tensor_pb2
 
 _STATE_PREFIX = "MODEL_STATE_"
 
@@ -181,7 +182,7 @@ def version_status(message: model_status_pb2.VersionStatus) -> VersionStatus:
 
 
 def version_statuses(
-    response: model_status_pb2.GetModelStatusResponse,
+    response: model_status_pb2.GetModelStatusResponse | model_repository_pb2.LoadModelResponse,
 ) -> list[VersionStatus]:
     return [version_status(v) for v in response.versions]
 
@@ -227,3 +228,26 @@ def status_event(message: model_status_pb2.ModelStatusEvent) -> ModelStatusEvent
         reason=message.reason,
         time=_time(message, "time"),
     )
+
+
+# --- ModelRepository -------------------------------------------------------------------------
+
+
+def index_request() -> model_repository_pb2.RepositoryIndexRequest:
+    return model_repository_pb2.RepositoryIndexRequest()
+
+
+def repository_index(
+    response: model_repository_pb2.RepositoryIndexResponse,
+) -> list[RepositoryEntry]:
+    return [
+        RepositoryEntry(e.model, e.version, state_name(e.state), e.reason) for e in response.models
+    ]
+
+
+def load_request(model: str) -> model_repository_pb2.LoadModelRequest:
+    return model_repository_pb2.LoadModelRequest(model=model)
+
+
+def unload_request(model: str) -> model_repository_pb2.UnloadModelRequest:
+    return model_repository_pb2.UnloadModelRequest(model=model)

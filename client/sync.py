@@ -17,11 +17,17 @@ from client.errors import error_from_rpc
 from client.types import (
     ModelMetadata,
     ModelStatusEvent,
+    RepositoryEntry,
     StreamRequest,
     StreamResult,
     VersionStatus,
 )
-from inferd.v1 import model_status_pb2_grpc, predict_pb2, predict_pb2_grpc
+from inferd.v1 import (
+    model_repository_pb2_grpc,
+    model_status_pb2_grpc,
+    predict_pb2,
+    predict_pb2_grpc,
+)
 
 __all__ = ["InferClient"]
 
@@ -44,6 +50,7 @@ class InferClient:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         credentials: grpc.ChannelCredentials | None = None,
         options: Iterable[tuple[str, Any]] | None = None,
+        control_token: str | None = None,
     ) -> None:
         opts = channel_options(max_message_bytes, options)
         if credentials is None:
@@ -53,6 +60,10 @@ class InferClient:
         self.target = target
         self._predict = predict_pb2_grpc.PredictStub(self._channel)
         self._status = model_status_pb2_grpc.ModelStatusStub(self._channel)
+        self._repository = model_repository_pb2_grpc.ModelRepositoryStub(self._channel)
+        self._control_metadata = (
+            (("authorization", f"Bearer {control_token}"),) if control_token else ()
+        )
         self._health = self._channel.unary_unary(
             CHECK_METHOD,
             request_serializer=encode_health_request,
@@ -169,6 +180,29 @@ class InferClient:
             raise error_from_rpc(exc) from None
         finally:
             call.cancel()
+
+    # --- ModelRepository (control plane: needs control_token) -------------------------------
+
+    def _control(self, method: Any, request: Any, timeout: float | None) -> Any:
+        metadata = (*(trace_metadata() or ()), *self._control_metadata)
+        try:
+            return method(request, timeout=timeout, metadata=metadata)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+
+    def repository_index(self, *, timeout: float | None = None) -> list[RepositoryEntry]:
+        """Every model version on disk or known to the server, with its state."""
+        response = self._control(self._repository.Index, _convert.index_request(), timeout)
+        return _convert.repository_index(response)
+
+    def load_model(self, model: str, *, timeout: float | None = None) -> list[VersionStatus]:
+        """Load (or reload) `model` as the repository holds it; returns its versions' status."""
+        response = self._control(self._repository.Load, _convert.load_request(model), timeout)
+        return _convert.version_statuses(response)
+
+    def unload_model(self, model: str, *, timeout: float | None = None) -> None:
+        """Stop serving every version of `model` once what they accepted is answered."""
+        self._control(self._repository.Unload, _convert.unload_request(model), timeout)
 
     # --- Health ------------------------------------------------------------------------------
 

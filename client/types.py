@@ -66,6 +66,16 @@ class VersionStatus:
 
 
 @dataclass(frozen=True)
+class RepositoryEntry:
+    """A model version on disk or known to the server (ModelRepository.Index)."""
+
+    model: str
+    version: int
+    state: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class ModelStatusEvent:
     """A model version's state, as reported by watch()."""
 

@@ -15,10 +15,22 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.trace import SpanProcessor
 
-from inferd.v1 import model_status_pb2, model_status_pb2_grpc, predict_pb2, predict_pb2_grpc
+from inferd.v1 import (
+    model_repository_pb2,
+    model_repository_pb2_grpc,
+    model_status_pb2,
+    model_status_pb2_grpc,
+    predict_pb2,
+    predict_pb2_grpc,
+)
+from inference import grpc_service_pb2, grpc_service_pb2_grpc
+from server.api.control_auth import ControlAuth
 from server.api.inference import Limits
 from server.api.native import ModelStatusServicer, PredictServicer
+from server.api.native_repository import ModelRepositoryServicer
+from server.api.oip import GRPCInferenceServicer
 from server.config import ServerConfig
+from server.core.model_control import ControlMode, ModelController
 from server.core.observer import MultiObserver, Observer
 from server.core.registry import ModelRegistry, SessionFactory, onnxruntime_session
 from server.core.repository import ModelRepository
@@ -35,10 +47,13 @@ from server.observability.tracing import (
 log = logging.getLogger(__name__)
 
 QUIET_PERIOD = 0.1
+STREAM_GRACE = 1.0
 
 SERVICE_NAMES = (
     predict_pb2.DESCRIPTOR.services_by_name["Predict"].full_name,
     model_status_pb2.DESCRIPTOR.services_by_name["ModelStatus"].full_name,
+    model_repository_pb2.DESCRIPTOR.services_by_name["ModelRepository"].full_name,
+    grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
 )
 
 
@@ -70,11 +85,20 @@ class InferenceServer:
         self.observer: Observer = MultiObserver(observers)
         self.request_tracing = RequestTracing(self.tracer_provider)
         self.registry = ModelRegistry(
-            ModelRepository(config.model_repository),
             config.models,
             self.observer,
             session_factory,
         )
+        self.controller = ModelController(
+            self.registry,
+            ModelRepository(config.model_repository),
+            ControlMode(config.model_control),
+            poll_interval_s=config.poll_interval_s,
+            require_ready_marker=config.require_ready_marker,
+            settle_s=config.settle_s,
+        )
+        token = config.control_token.get_secret_value() if config.control_token else None
+        self.control_auth = ControlAuth(token)
         self.health = HealthServicer()
         self.port = 0
         self.metrics_port = 0
@@ -85,7 +109,7 @@ class InferenceServer:
     async def start(self) -> None:
         """Load the models, then listen. Health reports SERVING once everything listens."""
         c = self.config
-        await self.registry.load_repository()
+        await self.controller.start()
         interceptors = []
         if self.tracer_provider is not None:
             interceptors.append(server_interceptor(self.tracer_provider))
@@ -104,6 +128,21 @@ class InferenceServer:
         )
         model_status_pb2_grpc.add_ModelStatusServicer_to_server(
             ModelStatusServicer(self.registry), server
+        )
+        model_repository_pb2_grpc.add_ModelRepositoryServicer_to_server(
+            ModelRepositoryServicer(self.controller, self.control_auth), server
+        )
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            GRPCInferenceServicer(
+                self.registry,
+                Limits(max_elements=c.max_elements_per_request),
+                self.observer,
+                self.request_tracing,
+                self.controller,
+                self.control_auth,
+                stream_window=c.stream_window,
+            ),
+            server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -137,19 +176,27 @@ class InferenceServer:
         grace = self.config.grace_period_s if grace is None else grace
         deadline = time.monotonic() + grace
         await self.health.enter_graceful_shutdown()
+        await self.controller.stop()
         try:
             await asyncio.wait_for(self.registry.shutdown(), timeout=grace)
         except TimeoutError:
             log.error("grace period of %.1f s ran out with requests still executing", grace)
         await self._quiesce(deadline)
         if self._grpc is not None:
-            await self._grpc.stop(grace=max(deadline - time.monotonic(), 0.5))
+            # Every accepted request is answered by now; what remains open is streams waiting
+            # for clients (health Watch, idle PredictStream): give replies in flight a moment
+            # to go out, not the whole grace period.
+            await self._grpc.stop(grace=min(max(deadline - time.monotonic(), 0.1), STREAM_GRACE))
         if self._metrics_http is not None:
-            self._metrics_http.shutdown()
+            await asyncio.to_thread(self._close_metrics_http)
         if self.tracer_provider is not None:
             self.tracer_provider.shutdown()
         self._stopped.set()
         log.info("inferd stopped")
+
+    def _close_metrics_http(self) -> None:
+        self._metrics_http.shutdown()
+        self._metrics_http.server_close()
 
     async def _quiesce(self, deadline: float) -> None:
         """Keep answering UNAVAILABLE until clients stop sending (QUIET_PERIOD without one),

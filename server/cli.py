@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -121,6 +122,52 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _models_validate(args: argparse.Namespace) -> int:
+    from server import model_files
+    from server.core.model_config import load_model_config
+
+    config = load_model_config(args.config) if args.config else None
+    try:
+        validation = model_files.validate(args.file, config)
+    except Exception as exc:
+        print(f"invalid: {exc}", file=sys.stderr)
+        return 1
+    print(model_files.describe(validation))
+    return 0
+
+
+def _models_add(args: argparse.Namespace) -> int:
+    from server import model_files
+
+    try:
+        path = model_files.add(args.file, args.repository, args.name, args.version, args.config)
+    except Exception as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+def _models_control(args: argparse.Namespace) -> int:
+    from client import InferClient, InferError
+
+    with InferClient(args.url, control_token=args.token) as client:
+        try:
+            if args.models_command == "load":
+                for v in client.load_model(args.model):
+                    print(f"{args.model} {v.version} {v.state} {v.reason}".rstrip())
+            elif args.models_command == "unload":
+                client.unload_model(args.model)
+                print(f"{args.model} unloaded")
+            else:
+                for e in client.repository_index():
+                    print(f"{e.model:<20} {e.version:>7} {e.state:<10} {e.reason}".rstrip())
+        except InferError as exc:
+            print(f"error: {exc.code.name}: {exc.details}", file=sys.stderr)
+            return 1
+    return 0
+
+
 def _health(args: argparse.Namespace) -> int:
     from client import InferClient, InferError
 
@@ -172,6 +219,36 @@ def build_parser() -> argparse.ArgumentParser:
     models_list = models_sub.add_parser("list", help="every model the server knows")
     models_list.set_defaults(run=_status, model=None)
     client_args(models_list)
+
+    validate = models_sub.add_parser(
+        "validate", help="check a model file; print what inferd serves"
+    )
+    validate.add_argument("file", type=Path)
+    validate.add_argument("--config", type=Path, help="a config.toml to apply")
+    validate.set_defaults(run=_models_validate)
+
+    add = models_sub.add_parser("add", help="publish a model file into a repository atomically")
+    add.add_argument("file", type=Path)
+    add.add_argument("--repository", type=Path, required=True)
+    add.add_argument("--name", required=True)
+    add.add_argument("--version", type=int, help="default: the newest on disk + 1")
+    add.add_argument("--config", type=Path, help="a config.toml to install with it")
+    add.set_defaults(run=_models_add)
+
+    def control_args(p: argparse.ArgumentParser) -> None:
+        client_args(p)
+        p.add_argument(
+            "--token",
+            default=os.environ.get("INFERD_CONTROL_TOKEN"),
+            help="control token (default: $INFERD_CONTROL_TOKEN)",
+        )
+        p.set_defaults(run=_models_control)
+
+    for command, text in (("load", "load or reload a model"), ("unload", "unload a model")):
+        p = models_sub.add_parser(command, help=f"{text} (server in explicit model control)")
+        p.add_argument("model")
+        control_args(p)
+    control_args(models_sub.add_parser("index", help="every version on disk or served"))
 
     health = sub.add_parser("health", help="grpc.health.v1 check; exit 0 when SERVING")
     health.add_argument("--service", default="", help="service name (default: the server)")

@@ -8,9 +8,9 @@ variables (nested with `__`, e.g. `INFERD_MODELS__MAX_BATCH_SIZE=16`), the TOML 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -70,6 +70,26 @@ class ServerConfig(BaseSettings):
 
     tracing: TracingConfig = Field(default_factory=TracingConfig)
     """OpenTelemetry: exporter (none, console, otlp_grpc, otlp_http), endpoint, sample ratio."""
+
+    model_control: Literal["none", "poll", "explicit"] = "none"
+    """none: load at start only; poll: also rescan every poll_interval_s; explicit: load at
+    start, then only the Load/Unload RPCs change what is served."""
+
+    poll_interval_s: Annotated[float, Field(gt=0)] = 5.0
+    """Seconds between repository scans in poll mode. A new or changed version is loaded once
+    two consecutive scans see the same files, so publishing takes up to twice this."""
+
+    settle_s: Annotated[float, Field(ge=0)] = 1.0
+    """Without the marker, a version's files must stay unchanged this long (across scans)
+    before they are loaded; explicit loads wait it out for files first seen."""
+
+    require_ready_marker: bool = False
+    """Load a version directory only once it holds a `.ready` file (write the files, then the
+    marker), instead of waiting for its files to stop changing."""
+
+    control_token: SecretStr | None = None
+    """Enables the control RPCs (ModelRepository Load/Unload/Index and the Open Inference
+    Protocol's repository RPCs); each call must send `authorization: Bearer <token>`."""
 
     models: ModelDefaults = Field(default_factory=ModelDefaults)
     """Defaults for what a model's config.toml leaves out."""

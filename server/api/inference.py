@@ -5,13 +5,16 @@ before any array is built, then viewed in place with np.frombuffer."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from client.wire import DTYPES, unpack_bytes_elements
-from server.core.errors import InvalidInput
+from server.api.status import status_code
+from server.core.errors import InferdError, InvalidInput
+from server.core.observer import Observer
 from server.core.registry import ModelRegistry, ModelVersion
 from server.core.types import Array, InferRequest, InferResult, ModelSignature
 
@@ -26,6 +29,54 @@ class WireTensor:
     contents: bytes
 
 
+class Accounting:
+    """Reports one request's outcome to the observer when its handler ends, however it ends.
+
+    The model label is the requested name only when the server serves such a model, so that
+    made-up names cannot create metric series without bound. A handler cancelled after its
+    gRPC deadline counts as DEADLINE_EXCEEDED (that is what its client sees), not CANCELLED.
+    """
+
+    def __init__(
+        self,
+        observer: Observer,
+        registry: ModelRegistry,
+        protocol: str,
+        model: str,
+        time_remaining: float | None,
+    ) -> None:
+        self._observer = observer
+        self._registry = registry
+        self._protocol = protocol
+        self._model = model
+        self._started = time.perf_counter()
+        self._deadline = None if time_remaining is None else self._started + time_remaining
+        self.version: int | None = None
+
+    def __enter__(self) -> Accounting:
+        return self
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        now = time.perf_counter()
+        if exc is None:
+            code = "OK"
+        elif isinstance(exc, InferdError):
+            code = status_code(exc).name
+        elif isinstance(exc, asyncio.CancelledError):
+            late = self._deadline is not None and now >= self._deadline - _DEADLINE_SLACK
+            code = "DEADLINE_EXCEEDED" if late else "CANCELLED"
+        else:
+            code = "INTERNAL"
+        label = self._model if self._registry.knows(self._model) else ""
+        self._observer.request_finished(
+            self._protocol, label, self.version, code, now - self._started
+        )
+
+
+# gRPC cancels a handler at its deadline, measured on another clock: allow for the skew.
+_DEADLINE_SLACK = 0.005
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_elements: int
@@ -37,6 +88,8 @@ def decode_inputs(
 ) -> dict[str, Array]:
     inputs: dict[str, Array] = {}
     batch: tuple[str, int] | None = None
+    # Symbolic dim name -> (input, axis, size) where first seen.
+    named: dict[str, tuple[str, int, int]] = {}
     elements_total = 0
     for tensor in tensors:
         name = tensor.name
@@ -84,6 +137,16 @@ def decode_inputs(
                 raise InvalidInput(
                     f"input '{name}': batch dimension {rows} differs from input "
                     f"'{batch[0]}' ({batch[1]})"
+                )
+        for axis, dim_name in enumerate(spec.dim_names, start=offset):
+            if dim_name is None:
+                continue
+            first = named.setdefault(dim_name, (name, axis, shape[axis]))
+            if first[2] != shape[axis]:
+                raise InvalidInput(
+                    f"input '{name}': dim {axis} is {shape[axis]} but input '{first[0]}' dim "
+                    f"{first[1]} is {first[2]}; the model names both '{dim_name}', so they "
+                    "must agree"
                 )
         count = 1
         for d in shape:
@@ -164,11 +227,14 @@ async def infer(
     timeout_us: int,
     time_remaining: float | None,
     trace_context: object = None,
+    accounting: Accounting | None = None,
 ) -> tuple[ModelVersion, InferResult]:
     """Resolve, validate, decode and run one request: the whole path every frontend shares."""
     if not model:
         raise InvalidInput("model: the model name is empty")
     target = registry.resolve(model, version)
+    if accounting is not None:
+        accounting.version = target.version
     signature = target.signature
     assert signature is not None
     request = InferRequest(

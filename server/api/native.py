@@ -3,8 +3,6 @@ nothing (validation is `server/api/inference.py`, policy is `server/core`)."""
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import AsyncIterator, Iterable
 
 import grpc
@@ -20,6 +18,7 @@ from inferd.v1 import (
 )
 from server.api import inference
 from server.api.status import status_code
+from server.api.streaming import answer_concurrently
 from server.core.errors import InferdError, ModelNotFound
 from server.core.observer import Observer
 from server.core.registry import ModelRegistry, ModelStatusEvent, ModelVersion
@@ -28,7 +27,7 @@ from server.observability.tracing import RequestTracing
 
 PROTOCOL = "native"
 
-_STATES = {
+STATES = {
     ModelState.UNKNOWN: model_status_pb2.MODEL_STATE_UNKNOWN,
     ModelState.LOADING: model_status_pb2.MODEL_STATE_LOADING,
     ModelState.READY: model_status_pb2.MODEL_STATE_READY,
@@ -69,83 +68,50 @@ class PredictServicer(predict_pb2_grpc.PredictServicer):
     ) -> AsyncIterator[predict_pb2.PredictStreamResponse]:
         """Requests run concurrently (so they can share batches); each is answered as soon as
         it is done, with its own status. At most `stream_window` are in flight."""
-        answers: asyncio.Queue[predict_pb2.PredictStreamResponse | None] = asyncio.Queue()
-        window = asyncio.Semaphore(self._stream_window)
-        running: set[asyncio.Task[None]] = set()
 
-        async def answer(request: predict_pb2.PredictRequest) -> None:
+        async def answer(request: predict_pb2.PredictRequest) -> predict_pb2.PredictStreamResponse:
             try:
                 response = await self._predict(request, context.time_remaining())
-                answers.put_nowait(
-                    predict_pb2.PredictStreamResponse(id=request.id, response=response)
-                )
+                return predict_pb2.PredictStreamResponse(id=request.id, response=response)
             except InferdError as exc:
                 error = predict_pb2.RequestStatus(
                     code=status_code(exc).value[0], message=exc.message
                 )
-                answers.put_nowait(predict_pb2.PredictStreamResponse(id=request.id, error=error))
-            finally:
-                window.release()
+                return predict_pb2.PredictStreamResponse(id=request.id, error=error)
 
-        async def read() -> None:
-            try:
-                async for request in request_iterator:
-                    await window.acquire()
-                    task = asyncio.get_running_loop().create_task(answer(request))
-                    running.add(task)
-                    task.add_done_callback(running.discard)
-                while running:
-                    await asyncio.gather(*running, return_exceptions=True)
-            finally:
-                answers.put_nowait(None)
-
-        reader = asyncio.get_running_loop().create_task(read())
-        try:
-            while (item := await answers.get()) is not None:
-                yield item
-            await reader
-        finally:
-            reader.cancel()
-            for task in running:
-                task.cancel()
+        async for response in answer_concurrently(request_iterator, answer, self._stream_window):
+            yield response
 
     async def _predict(
         self, request: predict_pb2.PredictRequest, time_remaining: float | None
     ) -> predict_pb2.PredictResponse:
-        started = time.perf_counter()
         version = request.version if request.HasField("version") else None
-        code = grpc.StatusCode.OK
+        accounting = inference.Accounting(
+            self._observer, self._registry, PROTOCOL, request.model, time_remaining
+        )
         try:
-            target, result = await inference.infer(
-                self._registry,
-                self._limits,
-                model=request.model,
-                version=version,
-                tensors=[
-                    inference.WireTensor(t.name, t.datatype, t.shape, t.contents)
-                    for t in request.inputs
-                ],
-                outputs=request.outputs,
-                request_id=request.id,
-                priority=request.priority,
-                timeout_us=request.timeout_us,
-                time_remaining=time_remaining,
-                trace_context=self._tracing.context(),
-            )
-            version = target.version
-            with self._tracing.encode_span():
-                return _response(request, result)
-        except InferdError as exc:
-            code = status_code(exc)
-            raise
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
+            with accounting:
+                _target, result = await inference.infer(
+                    self._registry,
+                    self._limits,
+                    model=request.model,
+                    version=version,
+                    tensors=[
+                        inference.WireTensor(t.name, t.datatype, t.shape, t.contents)
+                        for t in request.inputs
+                    ],
+                    outputs=request.outputs,
+                    request_id=request.id,
+                    priority=request.priority,
+                    timeout_us=request.timeout_us,
+                    time_remaining=time_remaining,
+                    trace_context=self._tracing.context(),
+                    accounting=accounting,
+                )
+                with self._tracing.encode_span():
+                    return _response(request, result)
         finally:
-            self._tracing.annotate(request.model, version, request.id)
-            self._observer.request_finished(
-                PROTOCOL, request.model, version, code.name, time.perf_counter() - started
-            )
+            self._tracing.annotate(request.model, accounting.version, request.id)
 
 
 def _response(
@@ -179,7 +145,7 @@ class ModelStatusServicer(model_status_pb2_grpc.ModelStatusServicer):
             await context.abort(status_code(exc), exc.message)
             raise
         return model_status_pb2.GetModelStatusResponse(
-            model=request.model, versions=_version_statuses(versions)
+            model=request.model, versions=version_statuses(versions)
         )
 
     async def ListModels(
@@ -188,7 +154,7 @@ class ModelStatusServicer(model_status_pb2_grpc.ModelStatusServicer):
         return model_status_pb2.ListModelsResponse(
             models=[
                 model_status_pb2.ModelSummary(
-                    name=name, versions=_version_statuses(self._registry.versions(name))
+                    name=name, versions=version_statuses(self._registry.versions(name))
                 )
                 for name in self._registry.model_names()
             ]
@@ -223,14 +189,14 @@ def _timestamp(seconds: float) -> Timestamp:
     return ts
 
 
-def _version_statuses(versions: Iterable[ModelVersion]) -> list[model_status_pb2.VersionStatus]:
+def version_statuses(versions: Iterable[ModelVersion]) -> list[model_status_pb2.VersionStatus]:
     out = []
     for v in versions:
         s = v.statistics
         out.append(
             model_status_pb2.VersionStatus(
                 version=v.version,
-                state=_STATES[v.state],
+                state=STATES[v.state],
                 reason=v.reason,
                 last_change=_timestamp(v.last_change),
                 statistics=model_status_pb2.VersionStatistics(
@@ -284,7 +250,7 @@ def _event(event: ModelStatusEvent) -> model_status_pb2.ModelStatusEvent:
     return model_status_pb2.ModelStatusEvent(
         model=event.model,
         version=event.version,
-        state=_STATES[event.state],
+        state=STATES[event.state],
         reason=event.reason,
         time=_timestamp(event.time),
     )

@@ -112,7 +112,7 @@ class _State(enum.Enum):
 
 
 class _Entry:
-    __slots__ = ("arrival", "future", "key", "priority", "request", "rows", "state")
+    __slots__ = ("arrival", "future", "key", "priority", "reported", "request", "rows", "state")
 
     def __init__(
         self,
@@ -129,6 +129,8 @@ class _Entry:
         self.rows = rows_of(request.inputs, batches)
         self.key = shape_key_of(request.inputs, batches)
         self.state = _State.QUEUED
+        # Whether an observer has been told of its outcome (a report or a rejection).
+        self.reported = False
 
 
 class _ShapeQueue:
@@ -302,7 +304,9 @@ class Batcher:
             raise DeadlineExceeded("deadline passed while the request's batch executed") from None
         except asyncio.CancelledError:
             if self._unqueue(entry):
-                self._reject(RejectReason.CANCELLED)
+                # gRPC cancels the caller at its deadline: count that as the deadline it is.
+                late = request.deadline is not None and loop.time() >= request.deadline - 0.005
+                self._reject(RejectReason.DEADLINE if late else RejectReason.CANCELLED)
             raise
 
     async def drain(self) -> None:
@@ -405,6 +409,33 @@ class Batcher:
         return live
 
     async def _execute(self, batch: list[_Entry], loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            error = await self._run(batch, loop, answer_failure=len(batch) == 1)
+            if error is None or len(batch) == 1:
+                return
+            if isinstance(error, asyncio.CancelledError):
+                self._fail(batch, error)
+                raise error
+            # One request's bad data (an index out of range, say) must not fail the requests
+            # that shared its batch: each runs again alone, and only those that fail again
+            # get the error. Costs one run per request, only when a batch fails.
+            for entry in batch:
+                if not entry.future.done():
+                    await self._run([entry], loop, answer_failure=True)
+                elif not entry.reported:
+                    # Its caller gave up while an earlier request of the batch ran again.
+                    late = entry.request.deadline is not None and loop.time() >= (
+                        entry.request.deadline
+                    )
+                    self._reject(RejectReason.DEADLINE if late else RejectReason.CANCELLED)
+        finally:
+            self._slots.release()
+
+    async def _run(
+        self, batch: list[_Entry], loop: asyncio.AbstractEventLoop, answer_failure: bool
+    ) -> BaseException | None:
+        """Execute once and answer each request its outputs; on failure, answer the error only
+        when `answer_failure`. Returns the failure."""
         rows = sum(entry.rows for entry in batch)
         started = loop.time()
         queue_times = tuple(started - entry.arrival for entry in batch)
@@ -420,36 +451,32 @@ class Batcher:
                 )
         except BaseException as exc:
             error = exc
-        finally:
-            self._slots.release()
-            compute_time = loop.time() - started
-            self._observer.batch_finished(
-                BatchReport(
-                    model=self.model,
-                    version=self.version,
-                    rows=rows,
-                    queue_times=queue_times,
-                    trace_contexts=tuple(e.request.trace_context for e in batch),
-                    compute_time=compute_time,
-                    input_time=run.input_time if run and error is None else 0.0,
-                    infer_time=run.infer_time if run and error is None else 0.0,
-                    output_time=run.output_time if run and error is None else 0.0,
-                    error=error,
-                    in_flight=len(self._in_flight) - 1,
-                    abandoned=tuple(e.future.done() for e in batch),
-                )
+        compute_time = loop.time() - started
+        ok = run is not None and error is None
+        self._observer.batch_finished(
+            BatchReport(
+                model=self.model,
+                version=self.version,
+                rows=rows,
+                queue_times=queue_times,
+                trace_contexts=tuple(e.request.trace_context for e in batch),
+                compute_time=compute_time,
+                input_time=run.input_time if run and ok else 0.0,
+                infer_time=run.infer_time if run and ok else 0.0,
+                output_time=run.output_time if run and ok else 0.0,
+                error=error,
+                in_flight=len(self._in_flight) - 1,
+                abandoned=tuple(e.future.done() for e in batch),
+                retried=error is not None and not answer_failure,
             )
+        )
+        for entry in batch:
+            if error is None or answer_failure or entry.future.done():
+                entry.reported = True
         if error is not None or run is None:
-            failure = InferenceFailed(
-                f"model '{self.model}' version {self.version} failed on a batch of {rows} rows: "
-                f"{error}"
-            )
-            for entry in batch:
-                if not entry.future.done():
-                    entry.future.set_exception(failure)
-            if isinstance(error, asyncio.CancelledError):
-                raise error
-            return
+            if answer_failure:
+                self._fail(batch, error)
+            return error or RuntimeError("executor returned nothing")
         for entry, outputs, queue_time in zip(batch, run.outputs, queue_times, strict=True):
             if entry.future.done():
                 continue
@@ -471,6 +498,16 @@ class Batcher:
                     batch_rows=rows,
                 )
             )
+        return None
+
+    def _fail(self, batch: list[_Entry], error: BaseException | None) -> None:
+        rows = sum(entry.rows for entry in batch)
+        failure = InferenceFailed(
+            f"model '{self.model}' version {self.version} failed on a batch of {rows} rows: {error}"
+        )
+        for entry in batch:
+            if not entry.future.done():
+                entry.future.set_exception(failure)
 
     @staticmethod
     def _union_of_outputs(batch: list[_Entry]) -> tuple[str, ...]:

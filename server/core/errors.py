@@ -39,5 +39,14 @@ class Unauthenticated(InferdError):
     """A control-plane call without valid credentials."""
 
 
+class PermissionDenied(InferdError):
+    """A control-plane call with credentials that do not grant it."""
+
+
+class FailedPrecondition(InferdError):
+    """The call cannot run in the server's current configuration or state (e.g. a load RPC
+    outside explicit model control, or a model whose files do not load)."""
+
+
 class InferenceFailed(InferdError):
     """The runtime failed while executing the batch that held this request."""

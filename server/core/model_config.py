@@ -46,6 +46,18 @@ class VersionPolicy(BaseModel):
         return ordered[-(self.latest or 1) :]
 
 
+class TensorDeclaration(BaseModel):
+    """An input or output as the config declares it (Triton's `input`/`output`): checked
+    against the graph at load; a fixed dim where the graph's is variable is enforced on every
+    request. `dims` exclude the batch dim when the model batches; -1 is variable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    datatype: str
+    dims: tuple[int, ...]
+
+
 class ModelConfig(BaseModel):
     """What `config.toml` may say. None means: use the server default or the graph."""
 
@@ -83,6 +95,12 @@ class ModelConfig(BaseModel):
     """ONNX Runtime intra-op threads; 0: one per physical core (ORT's default)."""
 
     version_policy: VersionPolicy = Field(default_factory=lambda: VersionPolicy(latest=1))
+
+    inputs: tuple[TensorDeclaration, ...] = ()
+    """Declared inputs; empty: the graph's. When given, every graph input must be declared."""
+
+    outputs: tuple[TensorDeclaration, ...] = ()
+    """Declared outputs (a subset of the graph's is fine)."""
 
     @model_validator(mode="after")
     def _preferred_within_max(self) -> ModelConfig:

@@ -45,6 +45,8 @@ class BatchReport:
     # Per request: True when its caller gave up (deadline, cancel) while the batch executed, so
     # it is not answered with outputs.
     abandoned: tuple[bool, ...] = ()
+    # A failed batch whose requests will each run again alone: its failure is nobody's answer.
+    retried: bool = False
 
     @property
     def requests(self) -> int:

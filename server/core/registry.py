@@ -14,13 +14,29 @@ from server.core.batcher import Batcher, BatchExecutor, BatchingPolicy
 from server.core.errors import ModelNotFound, Unavailable
 from server.core.model_config import ModelConfig, ModelDefaults
 from server.core.observer import MultiObserver, Observer
-from server.core.repository import ModelRepository, validate_model_name
+from server.core.repository import validate_model_name
 from server.core.runtime import OnnxRuntimeSession, resolve_providers
 from server.core.signature import GraphTensor, derive_signature
 from server.core.statistics import StatisticsRecorder, VersionStatistics
 from server.core.types import InferRequest, InferResult, ModelSignature, ModelState
+from server.core.warmup import load_samples, warm_up
 
 log = logging.getLogger(__name__)
+
+
+def batching_policy(
+    config: ModelConfig, signature: ModelSignature, defaults: ModelDefaults
+) -> BatchingPolicy:
+    """The batcher's policy: the model's config.toml over the server's defaults."""
+    delay_us = config.max_queue_delay_us
+    return BatchingPolicy(
+        max_batch_size=signature.max_batch_size,
+        max_queue_delay=(defaults.max_queue_delay_us if delay_us is None else delay_us) / 1e6,
+        preferred_batch_sizes=config.preferred_batch_sizes if signature.batches else (),
+        max_queue_size=config.max_queue_size or defaults.max_queue_size,
+        instances=config.instances or defaults.instances,
+        default_priority=config.default_priority,
+    )
 
 
 class ModelSession(BatchExecutor, Protocol):
@@ -78,6 +94,10 @@ class ModelVersion:
     policy: BatchingPolicy | None = None
     default_timeout: float | None = None
     providers: tuple[str, ...] = ()
+    # What the files looked like when loaded (see model_control); a failed reload remembers
+    # its files so that only a further change retries it.
+    fingerprint: str = ""
+    failed_fingerprint: str = ""
     session: ModelSession | None = None
     batcher: Batcher | None = None
 
@@ -92,19 +112,18 @@ class ModelVersion:
 class _Subscription:
     def __init__(self, model: str) -> None:
         self.model = model
-        self.events: asyncio.Queue[ModelStatusEvent] = asyncio.Queue(maxsize=1024)
+        # None ends the watch (server shutdown).
+        self.events: asyncio.Queue[ModelStatusEvent | None] = asyncio.Queue(maxsize=1024)
         self.overflowed = False
 
 
 class ModelRegistry:
     def __init__(
         self,
-        repository: ModelRepository,
         defaults: ModelDefaults | None = None,
         observer: Observer | None = None,
         session_factory: SessionFactory = onnxruntime_session,
     ) -> None:
-        self.repository = repository
         self.defaults = defaults or ModelDefaults()
         self._observer = observer or Observer()
         self._session_factory = session_factory
@@ -116,45 +135,84 @@ class ModelRegistry:
 
     # -- loading ---------------------------------------------------------------------------
 
-    async def load_repository(self) -> None:
-        """Scan the repository and load every version its policy selects. A version that fails
-        to load is FAILED with the reason; the others serve."""
-        sources, problems = await asyncio.to_thread(self.repository.scan)
-        for problem in problems:
-            log.error("model '%s' skipped: %s", problem.name, problem.reason)
-        for source in sources:
-            for number, path in sorted(source.selected_versions().items()):
-                await self.load_version(source.name, number, path, source.config)
-
     async def load_version(
-        self, name: str, number: int, path: Path, config: ModelConfig
+        self,
+        name: str,
+        number: int,
+        path: Path,
+        config: ModelConfig,
+        fingerprint: str = "",
     ) -> ModelVersion:
-        version = ModelVersion(name, number, path, config)
-        self._models.setdefault(name, {})[number] = version
-        self._transition(version, ModelState.LOADING, "")
+        """Load, warm and route one version. If the same version number is READY (its files
+        changed), the old one keeps serving until the new one is READY, then drains; if the new
+        one fails, the old one keeps serving and its reason says so."""
+        existing = self._models.get(name, {}).get(number)
+        replacing = existing if existing and existing.state is ModelState.READY else None
+        version = ModelVersion(name, number, path, config, fingerprint=fingerprint)
+        if replacing is None:
+            self._models.setdefault(name, {})[number] = version
+        # While new files of a READY version load, that version number stays READY for
+        # watchers, metrics and status: only the outcome is news.
+        announce = replacing is None
+        self._transition(version, ModelState.LOADING, "", notify=announce)
         started = time.perf_counter()
         try:
-            session = await asyncio.to_thread(
-                self._session_factory, path, config, self.defaults, f"{name}-{number}"
-            )
+            await self._prepare(version)
         except Exception as exc:
-            reason = f"loading {path} failed: {_first_line(exc)}"
-            self._transition(version, ModelState.FAILED, reason, time.perf_counter() - started)
+            reason = getattr(exc, "message", None) or f"loading {path} failed: {_first_line(exc)}"
+            self._transition(
+                version, ModelState.FAILED, reason, time.perf_counter() - started, announce
+            )
             log.error("model '%s' version %d: %s", name, number, reason)
+            if replacing is not None:
+                replacing.reason = f"reload failed, serving the previous files: {reason}"
+                replacing.failed_fingerprint = fingerprint
             return version
         if not self._accepting:
-            await asyncio.to_thread(session.close)
-            self._transition(version, ModelState.UNLOADED, "server shut down while loading")
+            await self._release(version)
+            self._transition(
+                version, ModelState.UNLOADED, "server shut down while loading", notify=announce
+            )
             return version
+        if replacing is not None:
+            self._models[name][number] = version
+        assert version.policy is not None and version.signature is not None
+        self._observer.queue_capacity_set(name, number, version.policy.max_queue_size)
+        self._transition(
+            version,
+            ModelState.READY,
+            "",
+            load_time=time.perf_counter() - started,
+        )
+        log.info(
+            "model '%s' version %d READY on %s (max_batch_size=%d) in %.3f s",
+            name,
+            number,
+            ",".join(version.providers),
+            version.signature.max_batch_size,
+            time.perf_counter() - started,
+        )
+        if replacing is not None:
+            # Same version number: its old files drain without state events, which would
+            # describe the version number now served by the new files.
+            await self._release(replacing)
+        return version
+
+    async def _prepare(self, version: ModelVersion) -> None:
+        """Session, signature, policy, warm-up and batcher; raises on any failure, leaving
+        nothing open."""
+        name, number, config = version.name, version.version, version.config
+        session = await asyncio.to_thread(
+            self._session_factory, version.path, config, self.defaults, f"{name}-{number}"
+        )
         try:
             signature = derive_signature(session.inputs, session.outputs, config, self.defaults)
-            policy = self._policy(config, signature)
-        except Exception as exc:
+            policy = batching_policy(config, signature, self.defaults)
+            samples = await asyncio.to_thread(load_samples, version.path.parent.parent, signature)
+            await warm_up(session, signature, policy, samples)
+        except BaseException:
             await asyncio.to_thread(session.close)
-            reason = getattr(exc, "message", None) or str(exc)
-            self._transition(version, ModelState.FAILED, reason, time.perf_counter() - started)
-            log.error("model '%s' version %d: %s", name, number, reason)
-            return version
+            raise
         version.session = session
         version.signature = signature
         version.policy = policy
@@ -172,28 +230,28 @@ class ModelRegistry:
             session,
             MultiObserver([self._observer, StatisticsRecorder(version.statistics)]),
         )
-        self._observer.queue_capacity_set(name, number, policy.max_queue_size)
-        self._transition(version, ModelState.READY, "", load_time=time.perf_counter() - started)
-        log.info(
-            "model '%s' version %d READY on %s (max_batch_size=%d)",
-            name,
-            number,
-            ",".join(session.providers),
-            signature.max_batch_size,
-        )
-        return version
 
-    def _policy(self, config: ModelConfig, signature: ModelSignature) -> BatchingPolicy:
-        d = self.defaults
-        delay_us = config.max_queue_delay_us
-        return BatchingPolicy(
-            max_batch_size=signature.max_batch_size,
-            max_queue_delay=(d.max_queue_delay_us if delay_us is None else delay_us) / 1e6,
-            preferred_batch_sizes=config.preferred_batch_sizes if signature.batches else (),
-            max_queue_size=config.max_queue_size or d.max_queue_size,
-            instances=config.instances or d.instances,
-            default_priority=config.default_priority,
-        )
+    async def unload_version(self, name: str, number: int, reason: str = "") -> None:
+        """Stop routing to the version, answer everything it accepted, then free it."""
+        version = self._models.get(name, {}).get(number)
+        if version is None or version.state not in (ModelState.READY, ModelState.FAILED):
+            return
+        if version.state is ModelState.FAILED:
+            self._transition(version, ModelState.UNLOADED, reason)
+            return
+        self._transition(version, ModelState.UNLOADING, reason)
+        await self._unload(version)
+
+    async def _release(self, version: ModelVersion) -> None:
+        if version.batcher is not None:
+            await version.batcher.close()
+        if version.session is not None:
+            await asyncio.to_thread(version.session.close)
+        version.session = None
+        version.batcher = None
+
+    def get(self, name: str, number: int) -> ModelVersion | None:
+        return self._models.get(name, {}).get(number)
 
     # -- routing ---------------------------------------------------------------------------
 
@@ -220,13 +278,21 @@ class ModelRegistry:
                 return versions[number]
         raise ModelNotFound(f"model '{name}' has no READY version")
 
+    def knows(self, name: str) -> bool:
+        return name in self._models
+
     def model_names(self) -> list[str]:
         return sorted(self._models)
+
+    def versions_or_empty(self, name: str) -> list[ModelVersion]:
+        versions = self._models.get(name, {})
+        return [versions[v] for v in sorted(versions)]
 
     def versions(self, name: str) -> list[ModelVersion]:
         """Every version the server knows of a model, any state, ascending."""
         versions = self._models.get(name)
         if versions is None:
+            validate_model_name(name)
             raise ModelNotFound(f"model '{name}' is not served")
         return [versions[v] for v in sorted(versions)]
 
@@ -237,11 +303,18 @@ class ModelRegistry:
     # -- state changes ---------------------------------------------------------------------
 
     def _transition(
-        self, version: ModelVersion, state: ModelState, reason: str, load_time: float | None = None
+        self,
+        version: ModelVersion,
+        state: ModelState,
+        reason: str,
+        load_time: float | None = None,
+        notify: bool = True,
     ) -> None:
         version.state = state
         version.reason = reason
         version.last_change = time.time()
+        if not notify:
+            return
         self._observer.model_state_changed(version.name, version.version, state, reason, load_time)
         event = ModelStatusEvent(version.name, version.version, state, reason, version.last_change)
         for sub in self._subscriptions:
@@ -265,6 +338,8 @@ class ModelRegistry:
                     yield ModelStatusEvent(v.name, v.version, v.state, v.reason, v.last_change)
             while True:
                 event = await sub.events.get()
+                if event is None:
+                    return
                 if sub.overflowed:
                     raise OverflowError("status watcher fell more than 1024 events behind")
                 yield event
@@ -280,14 +355,15 @@ class ModelRegistry:
         for version in ready:
             self._transition(version, ModelState.UNLOADING, "server shutting down")
         await asyncio.gather(*(self._unload(v) for v in ready))
+        # Watches end once the last state change is out, so that shutdown need not wait them.
+        for sub in self._subscriptions:
+            try:
+                sub.events.put_nowait(None)
+            except asyncio.QueueFull:
+                sub.overflowed = True
 
     async def _unload(self, version: ModelVersion) -> None:
-        if version.batcher is not None:
-            await version.batcher.close()
-        if version.session is not None:
-            await asyncio.to_thread(version.session.close)
-        version.session = None
-        version.batcher = None
+        await self._release(version)
         self._transition(version, ModelState.UNLOADED, version.reason)
 
     def all_versions(self) -> Sequence[ModelVersion]:

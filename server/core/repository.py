@@ -1,17 +1,26 @@
 """The model repository on disk: `<root>/<model>/<version>/model.onnx`, numeric versions, and an
-optional `<root>/<model>/config.toml`."""
+optional `<root>/<model>/config.toml` (inferd's) or `config.pbtxt` (Triton's; config.toml wins
+when both exist)."""
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from server.core.errors import InvalidInput
 from server.core.model_config import ModelConfig, load_model_config
+from server.core.triton_config import TritonModelConfig, load_triton_config
+
+log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
 CONFIG_FILE = "config.toml"
+TRITON_CONFIG_FILE = "config.pbtxt"
+
+# (model, file) pairs whose choice of configuration file has been logged: rescans stay quiet.
+_announced: set[tuple[str, str]] = set()
 
 # No path separators, no "..", no hidden names: a model name is also a directory name.
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
@@ -64,19 +73,39 @@ class ModelRepository:
                 continue
             try:
                 validate_model_name(name)
-                config = load_model_config(directory / CONFIG_FILE)
+                config, triton = _read_config(name, directory)
             except InvalidInput as exc:
                 problems.append(ScanProblem(name, exc.message))
                 continue
+            model_file = triton.model_filename if triton else MODEL_FILE
             versions = {
-                int(v.name): v / MODEL_FILE
+                int(v.name): v / model_file
                 for v in directory.iterdir()
-                if v.is_dir() and v.name.isdigit() and (v / MODEL_FILE).is_file()
+                if v.is_dir() and v.name.isdigit() and (v / model_file).is_file()
             }
             if not versions:
                 problems.append(
-                    ScanProblem(name, f"no version directory holds {MODEL_FILE} (<name>/<n>/)")
+                    ScanProblem(name, f"no version directory holds {model_file} (<name>/<n>/)")
                 )
                 continue
-            models.append(ModelSource(name, directory, config, versions))
+            source = ModelSource(name, directory, config, versions)
+            models.append(source)
         return models, problems
+
+
+def _read_config(name: str, directory: Path) -> tuple[ModelConfig, TritonModelConfig | None]:
+    """config.toml if there is one, else config.pbtxt, else the empty config."""
+    toml, pbtxt = directory / CONFIG_FILE, directory / TRITON_CONFIG_FILE
+    if pbtxt.is_file() and not toml.is_file():
+        _announce(name, f"configuration from {pbtxt} (Triton format)")
+        triton = load_triton_config(pbtxt, name)
+        return triton.config, triton
+    if pbtxt.is_file():
+        _announce(name, f"both {CONFIG_FILE} and {TRITON_CONFIG_FILE}: using {toml}")
+    return load_model_config(toml), None
+
+
+def _announce(name: str, message: str) -> None:
+    if (name, message) not in _announced:
+        _announced.add((name, message))
+        log.info("model '%s': %s", name, message)

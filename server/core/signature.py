@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from server.core.errors import InvalidInput
-from server.core.model_config import ModelConfig, ModelDefaults
+from server.core.model_config import ModelConfig, ModelDefaults, TensorDeclaration
 from server.core.types import ModelSignature, TensorSpec
 
 # ONNX Runtime's type strings -> wire datatype names.
@@ -74,10 +74,56 @@ def derive_signature(
         if datatype is None:
             raise InvalidInput(f"tensor '{t.name}' has unsupported type {t.ort_type}")
         dims = t.shape[1:] if max_batch_size > 0 else t.shape
-        return TensorSpec(t.name, datatype, tuple(-1 if _is_variable(d) else int(d) for d in dims))  # type: ignore[arg-type]
+        return TensorSpec(
+            t.name,
+            datatype,
+            tuple(-1 if not isinstance(d, int) or d < 0 else d for d in dims),
+            tuple(d if isinstance(d, str) and d else None for d in dims),
+        )
 
     return ModelSignature(
-        inputs=tuple(spec(t) for t in inputs),
-        outputs=tuple(spec(t) for t in outputs),
+        inputs=_declare(tuple(spec(t) for t in inputs), config.inputs, "input"),
+        outputs=_declare(tuple(spec(t) for t in outputs), config.outputs, "output"),
         max_batch_size=max_batch_size,
     )
+
+
+def _declare(
+    graph: tuple[TensorSpec, ...], declared: tuple[TensorDeclaration, ...], kind: str
+) -> tuple[TensorSpec, ...]:
+    """The graph's tensors narrowed by the config's declarations, which must agree with them."""
+    if not declared:
+        return graph
+    by_name = {t.name: t for t in graph}
+    narrowed = dict(by_name)
+    for d in declared:
+        found = by_name.get(d.name)
+        if found is None:
+            raise InvalidInput(
+                f"config: {kind} '{d.name}' is not an {kind} of the model "
+                f"(the graph has {sorted(by_name)})"
+            )
+        if d.datatype != found.datatype:
+            raise InvalidInput(
+                f"config: {kind} '{d.name}' is declared {d.datatype}; the graph has "
+                f"{found.datatype}"
+            )
+        if len(d.dims) != len(found.dims):
+            raise InvalidInput(
+                f"config: {kind} '{d.name}' dims {list(d.dims)} have rank {len(d.dims)}; the "
+                f"graph's (without a batch dim) are {list(found.dims)}"
+            )
+        dims = []
+        for axis, (want, got) in enumerate(zip(d.dims, found.dims, strict=True)):
+            if want >= 0 and got >= 0 and want != got:
+                raise InvalidInput(
+                    f"config: {kind} '{d.name}' dim {axis} is declared {want}; the graph has "
+                    f"{got} (dims {list(found.dims)})"
+                )
+            dims.append(want if want >= 0 else got)
+        narrowed[d.name] = TensorSpec(found.name, found.datatype, tuple(dims), found.dim_names)
+    if kind == "input":
+        missing = sorted(set(by_name) - {d.name for d in declared})
+        if missing:
+            raise InvalidInput(f"config: the graph's input(s) {missing} are not declared")
+    return tuple(narrowed[t.name] for t in graph)

@@ -67,6 +67,13 @@ class StatisticsRecorder(Observer):
     def batch_finished(self, report: BatchReport) -> None:
         s = self.stats
         if report.error is not None:
+            if report.retried:
+                # Those still waiting run again alone and are counted then; those whose caller
+                # gave up meanwhile are answered now, by that.
+                for wait, gone in zip(report.queue_times, report.abandoned, strict=True):
+                    if gone:
+                        s.failure.add(wait + report.compute_time)
+                return
             for wait in report.queue_times:
                 s.failure.add(wait + report.compute_time)
             return

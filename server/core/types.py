@@ -6,7 +6,7 @@ Only numpy and the standard library here; no gRPC and no protobuf types.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy.typing as npt
@@ -34,6 +34,9 @@ class TensorSpec:
     name: str
     datatype: str
     dims: tuple[int, ...]
+    # Per dim of `dims`, the graph's symbolic name of a variable dim (None when fixed or
+    # unnamed): inputs sharing a name (e.g. "sequence") must agree on its size.
+    dim_names: tuple[str | None, ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -494,13 +494,16 @@ async def test_model_without_batch_dim_executes_each_request_alone() -> None:
 # -- answers ---------------------------------------------------------------------------------
 
 
-async def test_failing_batch_fails_every_request_in_it_and_the_next_batch_works() -> None:
+async def test_failing_batch_fails_every_request_that_fails_alone_and_the_next_batch_works() -> (
+    None
+):
     executor = FakeExecutor(fail=RuntimeError("device lost"))
     batcher = make_batcher(executor, max_batch_size=4)
     failed = await answers([submit_at(batcher, 0.0, request(i)) for i in range(3)])
     assert [type(r) for r in failed] == [InferenceFailed] * 3
     assert "device lost" in str(failed[0])
-    assert "batch of 3 rows" in str(failed[0])
+    # The batch of 3 failed, then each request failed again when run alone.
+    assert "batch of 1 rows" in str(failed[0])
     executor.fail = None
     results = await answers([submit_at(batcher, 1.0, request(i)) for i in range(3, 5)])
     assert_answer(results[0], 3)
@@ -512,7 +515,20 @@ async def test_executor_returning_the_wrong_number_of_results_fails_the_whole_ba
     batcher = make_batcher(executor, max_batch_size=4)
     results = await answers([submit_at(batcher, 0.0, request(i)) for i in range(3)])
     assert [type(r) for r in results] == [InferenceFailed] * 3
-    assert "returned 2 results for 3" in str(results[0])
+    assert "returned 0 results for 1" in str(results[0])
+
+
+async def test_one_bad_request_fails_alone_not_the_requests_batched_with_it() -> None:
+    def fail_if_poisoned(batch: Sequence[Mapping[str, Array]]) -> BaseException | None:
+        poisoned = any(float(part["x"].flat[0]) == 1 for part in batch)
+        return RuntimeError("index out of range") if poisoned else None
+
+    executor = FakeExecutor(fail=fail_if_poisoned)
+    batcher = make_batcher(executor, max_batch_size=4)
+    results = await answers([submit_at(batcher, 0.0, request(i)) for i in range(3)])
+    assert_answer(results[0], 0)
+    assert isinstance(results[1], InferenceFailed) and "index out of range" in str(results[1])
+    assert_answer(results[2], 2)
 
 
 async def test_each_request_gets_only_the_outputs_it_asked_for() -> None:

@@ -18,6 +18,7 @@ from onnx import TensorProto, helper
 
 from server.core.errors import InvalidInput, ModelNotFound, Unavailable
 from server.core.model_config import ModelConfig, ModelDefaults
+from server.core.model_control import ModelController
 from server.core.observer import Observer
 from server.core.registry import (
     ModelRegistry,
@@ -79,9 +80,9 @@ def fixed_shape_model() -> onnx.ModelProto:
 
 
 async def loaded(root: Path, observer: Observer | None = None) -> ModelRegistry:
-    registry = ModelRegistry(ModelRepository(root), observer=observer)
+    registry = ModelRegistry(observer=observer)
     async with asyncio.timeout(WAIT):
-        await registry.load_repository()
+        await ModelController(registry, ModelRepository(root)).start()
     return registry
 
 
@@ -407,10 +408,8 @@ async def test_version_still_loading_at_shutdown_is_not_left_ready(tmp_path: Pat
         return onnxruntime_session(path, config, defaults, name)
 
     log = StateLog()
-    registry = ModelRegistry(
-        ModelRepository(tmp_path), observer=log, session_factory=gated_onnxruntime_session
-    )
-    load = asyncio.create_task(registry.load_repository())
+    registry = ModelRegistry(observer=log, session_factory=gated_onnxruntime_session)
+    load = asyncio.create_task(ModelController(registry, ModelRepository(tmp_path)).start())
     try:
         async with asyncio.timeout(WAIT):
             await log.loading.wait()

@@ -1,0 +1,8 @@
+"""`python -m loadtest`: the same as `inferd-loadtest`."""
+
+import sys
+
+from loadtest.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Target specs (loopback only) and request inputs of the load-test harness."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from loadtest.inputs import (
+    InputError,
+    ModelSignature,
+    TensorSpec,
+    build_payloads,
+    load_input_files,
+    parse_shapes,
+    rows_of,
+)
+from loadtest.target import TargetError, parse_target, require_loopback
+
+MLP = ModelSignature("mlp", (TensorSpec("input", "FP32", (-1, 64)),), batched=True)
+TEXT = ModelSignature(
+    "text_encoder",
+    (TensorSpec("input_ids", "INT64", (-1, -1)), TensorSpec("attention_mask", "INT64", (-1, -1))),
+    batched=True,
+)
+
+
+def test_target_spec_names_kind_address_and_options() -> None:
+    spec = parse_target("native:127.0.0.1:8001,model=mlp_nobatch,label=off,client_batch=4", "mlp")
+    assert (spec.kind, spec.where, spec.model, spec.label, spec.client_batch) == (
+        "native",
+        "127.0.0.1:8001",
+        "mlp_nobatch",
+        "off",
+        4,
+    )
+    assert spec.name == "off"
+    assert parse_target("oip:localhost:9000", "mlp").name == "oip/mlp"
+    assert parse_target("inprocess:models,threads=2", "cnn").threads == 2
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["grpc:127.0.0.1:1", "native:", "native:127.0.0.1:1,colour=red", "native:127.0.0.1:x"],
+)
+def test_malformed_targets_are_refused_with_the_reason(text: str) -> None:
+    with pytest.raises(TargetError):
+        parse_target(text, "mlp")
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:8001", "127.3.2.1:80", "[::1]:8001"])
+def test_loopback_addresses_are_accepted(address: str) -> None:
+    require_loopback(address)
+
+
+@pytest.mark.parametrize(
+    "address", ["10.0.0.7:8001", "192.168.1.20:8001", "8.8.8.8:53", "0.0.0.0:8001"]
+)
+def test_other_addresses_are_never_targets(address: str) -> None:
+    with pytest.raises(TargetError, match="loopback"):
+        parse_target(f"oip:{address}", "mlp")
+
+
+def test_random_payloads_take_the_declared_shapes_with_client_batch_rows() -> None:
+    payloads = build_payloads(MLP, client_batch=8, seed=1, distinct=3)
+    assert len(payloads) == 3
+    assert all(p["input"].shape == (8, 64) and p["input"].dtype == np.float32 for p in payloads)
+    assert not np.array_equal(payloads[0]["input"], payloads[1]["input"])
+    assert rows_of(payloads[0], MLP.batched) == 8
+
+
+def test_variable_dims_need_a_shape_and_then_take_it() -> None:
+    with pytest.raises(InputError, match="--shape input_ids"):
+        build_payloads(TEXT)
+    shapes = parse_shapes(["input_ids=2,12", "attention_mask=2,12"])
+    (payload, *_) = build_payloads(TEXT, shapes=shapes)
+    assert payload["input_ids"].shape == (2, 12)
+    assert payload["input_ids"].dtype == np.int64
+
+
+def test_unbatched_model_refuses_a_client_batch() -> None:
+    unbatched = ModelSignature("m", (TensorSpec("x", "FP32", (3,)),), batched=False)
+    with pytest.raises(InputError, match="no batch dimension"):
+        build_payloads(unbatched, client_batch=4)
+    assert rows_of(build_payloads(unbatched)[0], False) == 1
+
+
+def test_bytes_inputs_are_random_texts() -> None:
+    echo = ModelSignature("echo", (TensorSpec("text", "BYTES", (-1,)),), batched=True)
+    (payload, *_) = build_payloads(echo, client_batch=3)
+    assert payload["text"].dtype == object
+    assert all(isinstance(v, bytes) for v in payload["text"])
+
+
+def test_inputs_come_from_npy_and_npz_files(tmp_path: Path) -> None:
+    data = np.arange(128, dtype=np.float32).reshape(2, 64)
+    np.save(tmp_path / "x.npy", data)
+    np.savez(tmp_path / "all.npz", input=data * 2)
+    from_npy = load_input_files([f"input={tmp_path / 'x.npy'}"])
+    from_npz = load_input_files([str(tmp_path / "all.npz")])
+    (payload, *_) = build_payloads(MLP, files=from_npy)
+    np.testing.assert_array_equal(payload["input"], data)
+    np.testing.assert_array_equal(from_npz["input"], data * 2)
+    with pytest.raises(InputError, match="no such input"):
+        build_payloads(MLP, files={"image": data})
