@@ -18,6 +18,10 @@ USER inferd
 VOLUME ["/models"]
 EXPOSE 8001 8002
 ENV INFERD_MODEL_REPOSITORY=/models INFERD_HOST=0.0.0.0
+# Fewer malloc arenas: memory freed by unloading a model goes back to the pool other threads
+# use, instead of staying parked in per-thread arenas (RSS over 20 load/unload cycles: see
+# docs/operations.md).
+ENV MALLOC_ARENA_MAX=2
 # SIGTERM drains: health NOT_SERVING, accepted requests answered, exit within the grace period.
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=10s --timeout=3s CMD ["inferd", "health", "--url", "127.0.0.1:8001"]

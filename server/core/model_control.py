@@ -158,21 +158,22 @@ class ModelController:
                     continue
             assert source is not None
             await self.registry.load_version(name, number, path, source.config, current)
-        # Retire what is no longer wanted, but never the last READY versions while none of
-        # those that replace them is READY (still settling, loading, or FAILED): a broken or
-        # half-published version must not take the model down.
-        replacement_ready = any(
-            (v := self.registry.get(name, number)) is not None and v.state is ModelState.READY
-            for number in wanted
-        )
-        for served in self.registry.versions_or_empty(name):
-            if served.version in wanted:
-                continue
-            if served.state is ModelState.READY and (replacement_ready or source is None):
-                why = "removed from the repository" if source is None else "not in version policy"
-                await self.registry.unload_version(name, served.version, why)
-            elif served.state is ModelState.FAILED:
-                await self.registry.unload_version(name, served.version, "not in version policy")
+        # Retire what is no longer wanted, oldest first, but only while more versions are READY
+        # than the policy wants: a replacement still settling, loading or FAILED keeps the
+        # version it would replace serving, so a bad publish never lowers what is served.
+        known = self.registry.versions_or_empty(name)
+        ready_wanted = sum(1 for v in known if v.version in wanted and v.state is ModelState.READY)
+        unwanted = [v for v in known if v.version not in wanted]
+        surplus = ready_wanted + sum(1 for v in unwanted if v.state is ModelState.READY)
+        surplus -= len(wanted)
+        for version in unwanted:
+            on_disk = source is not None and version.version in source.versions
+            why = "not in version policy" if on_disk else "removed from the repository"
+            if version.state is ModelState.FAILED:
+                await self.registry.unload_version(name, version.version, why)
+            elif version.state is ModelState.READY and surplus > 0:
+                await self.registry.unload_version(name, version.version, why)
+                surplus -= 1
         for key in [k for k in self._seen if k[0] == name and k[1] not in wanted]:
             del self._seen[key]
             self._pending.discard(key)

@@ -508,6 +508,7 @@ async def test_slowly_written_version_is_not_loaded_half_way(poll_server: Server
     assert (response.version, added_constant(response, row(0))) == (5, 5.0)
     v5_while_writing = [e for e in during_write if e[0] == 5 and e[1] in ("FAILED", "READY")]
     assert v5_while_writing == [], f"v5 was loaded half-written: {v5_while_writing}"
+    assert [e for e in during_write if e[0] == 4] == [(4, "READY", "")], "v4 served throughout"
 
 
 async def test_version_without_its_ready_marker_is_not_loaded(

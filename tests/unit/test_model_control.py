@@ -686,6 +686,54 @@ async def test_watchers_are_not_told_a_serving_version_failed(
         await stream.aclose()  # type: ignore[attr-defined]
 
 
+async def test_removing_the_newest_version_rolls_back_without_a_gap(
+    tmp_path: Path, make_controller: Make
+) -> None:
+    """latest 1: deleting v2 brings v1 back; v2 (its session still in memory) serves until v1
+    is READY again."""
+    publish(tmp_path, 1, 1.0)
+    controller = await make_controller()
+    publish(tmp_path, 2, 2.0)
+    await scan(controller, 2)
+    assert states(controller) == {1: ModelState.UNLOADED, 2: ModelState.READY}
+
+    shutil.rmtree(tmp_path / MODEL / "2")
+    await scan(controller)
+    assert states(controller) == {1: ModelState.UNLOADED, 2: ModelState.READY}
+    assert await answer(controller) == (2, 2.0), "the removed version serves until v1 is back"
+    await scan(controller)
+    assert states(controller) == {1: ModelState.READY, 2: ModelState.UNLOADED}
+    assert await answer(controller) == (1, 1.0)
+
+
+async def test_latest_two_keeps_two_versions_until_their_replacements_are_ready(
+    tmp_path: Path, make_controller: Make
+) -> None:
+    config = "version_policy = { latest = 2 }\n"
+    publish(tmp_path, 1, 1.0, config)
+    publish(tmp_path, 2, 2.0, config)
+    controller = await make_controller()
+    publish(tmp_path, 3, 3.0)
+    await scan(controller)
+    assert states(controller) == {1: ModelState.READY, 2: ModelState.READY}, "v3 seen once"
+    await scan(controller)
+    assert states(controller) == {
+        1: ModelState.UNLOADED,
+        2: ModelState.READY,
+        3: ModelState.READY,
+    }
+
+    publish_garbage(tmp_path, 4)
+    await scan(controller, 2)
+    assert states(controller) == {
+        1: ModelState.UNLOADED,
+        2: ModelState.READY,
+        3: ModelState.READY,
+        4: ModelState.FAILED,
+    }, "whatever served before keeps serving"
+    assert controller.registry.resolve(MODEL, 2).version == 2
+
+
 async def test_changed_files_wait_out_the_settle_time(
     tmp_path: Path, make_controller: Make
 ) -> None:

@@ -155,7 +155,7 @@ def test_validate_of_a_broken_file_fails_nonzero_with_the_reason(
     assert len(err.strip()) > len("invalid: "), "the reason is given"
 
 
-def test_validate_through_the_installed_entry_point(tmp_path: Path, mlp_file: Path) -> None:
+def test_validate_through_the_installed_entry_point(mlp_file: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("INFERD_")}
     ok = subprocess.run(
         [sys.executable, "-m", "server.cli", "models", "validate", str(mlp_file)],
@@ -167,18 +167,6 @@ def test_validate_through_the_installed_entry_point(tmp_path: Path, mlp_file: Pa
     )
     assert ok.returncode == 0, ok.stderr
     assert "output probabilities FP32 [-1, 10]" in ok.stdout
-    garbage = tmp_path / "garbage.onnx"
-    garbage.write_bytes(b"\x00garbage" * 32)
-    bad = subprocess.run(
-        [sys.executable, "-m", "server.cli", "models", "validate", str(garbage)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=PROJECT_ROOT,
-        env=env,
-    )
-    assert bad.returncode != 0
-    assert "invalid:" in bad.stderr
 
 
 # --- add ---------------------------------------------------------------------------------------
