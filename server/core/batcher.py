@@ -1,11 +1,12 @@
 """The dynamic batcher: one per model version.
 
 Three parts, as in TF Serving's batch scheduler:
-- the queue (what waits): one `_ShapeQueue` per shape signature, since only requests whose
-  non-batch dims and dtypes agree can be concatenated; inside it, FIFO per priority level;
-- the policy (when a batch closes): `BatchingPolicy` and `_ShapeQueue.readiness`;
-- the threads (who runs it): `instances` execution slots; the executor runs each batch off the
-  event loop.
+- the queue (what waits, `batch_queue.py`): one `ShapeQueue` per shape signature, since only
+  requests whose non-batch dims and dtypes agree can be concatenated; inside it, FIFO per
+  priority level;
+- the policy (when a batch closes, `batch_policy.py` and `ShapeQueue.readiness`);
+- the threads (who runs it, here): `instances` execution slots; the executor runs each batch
+  off the event loop.
 
 Plain asyncio: no gRPC types. Tests drive it with a fake executor on a fake loop clock.
 """
@@ -13,12 +14,12 @@ Plain asyncio: no gRPC types. Tests drive it with a fake executor on a fake loop
 from __future__ import annotations
 
 import asyncio
-import enum
-from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from server.core.batch_policy import BatchingPolicy
+from server.core.batch_queue import EntryState, QueuedRequest, ShapeQueue
 from server.core.errors import (
     DeadlineExceeded,
     InferenceFailed,
@@ -27,7 +28,7 @@ from server.core.errors import (
     Unavailable,
 )
 from server.core.observer import BatchReport, Observer, RejectReason
-from server.core.types import Array, InferRequest, InferResult, rows_of, shape_key_of
+from server.core.types import Array, InferRequest, InferResult
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,166 +49,6 @@ class BatchExecutor(Protocol):
     async def execute(
         self, batch: Sequence[Mapping[str, Array]], outputs: Sequence[str]
     ) -> BatchRun: ...
-
-
-@dataclass(frozen=True, slots=True)
-class BatchingPolicy:
-    max_batch_size: int
-    """Most rows in one executed batch; 0 for a model without a batch dim (each request runs
-    alone, as sent). Larger batches buy throughput per execution and cost the latency of the
-    longer run, and of waiting for rows to arrive."""
-
-    max_queue_delay: float = 0.0
-    """Seconds the oldest waiting request may wait for a batch to fill. 0 dispatches whatever is
-    queued as soon as an execution slot is free, so batches still form under load (while every
-    slot is busy) and an idle server adds no latency. Raising it fills batches at low load at the
-    cost of up to this much added latency per request."""
-
-    preferred_batch_sizes: tuple[int, ...] = ()
-    """Batch sizes dispatched as soon as they can be formed, without waiting for the delay (e.g.
-    sizes the runtime is fastest at). Empty: only a full batch or the delay dispatches."""
-
-    max_queue_size: int = 1024
-    """Requests that may wait (not counting those executing). A full queue answers
-    RESOURCE_EXHAUSTED at once: a bounded wait instead of unbounded latency under overload."""
-
-    instances: int = 1
-    """Batches in flight at once. More overlap the Python work of one batch with the execution
-    of another (and on a GPU, kernels of several), at the cost of memory per slot and smaller
-    batches at moderate load."""
-
-    default_priority: int = 1
-    """The level of a request that names none (priority 0). Smaller levels run first."""
-
-    def __post_init__(self) -> None:
-        if self.max_batch_size < 0:
-            raise ValueError("max_batch_size must be >= 0")
-        if self.max_queue_delay < 0:
-            raise ValueError("max_queue_delay must be >= 0")
-        if self.instances < 1:
-            raise ValueError("instances must be >= 1")
-        if self.max_queue_size < 1:
-            raise ValueError("max_queue_size must be >= 1")
-        for size in self.preferred_batch_sizes:
-            if not 1 <= size <= max(self.max_batch_size, 1):
-                raise ValueError(
-                    f"preferred batch size {size} is outside 1..max_batch_size "
-                    f"({self.max_batch_size})"
-                )
-
-    @property
-    def batch_limit(self) -> int:
-        """Rows one execution may hold: a model without a batch dim runs requests one by one."""
-        return self.max_batch_size if self.max_batch_size > 0 else 1
-
-
-_TIMER_SLACK = 1e-6
-
-
-class _State(enum.Enum):
-    QUEUED = 1
-    RUNNING = 2
-    # Left the queue without running: its caller gave up.
-    GONE = 3
-
-
-class _Entry:
-    __slots__ = ("arrival", "future", "key", "priority", "reported", "request", "rows", "state")
-
-    def __init__(
-        self,
-        request: InferRequest,
-        future: asyncio.Future[InferResult],
-        arrival: float,
-        priority: int,
-        batches: bool,
-    ) -> None:
-        self.request = request
-        self.future = future
-        self.arrival = arrival
-        self.priority = priority
-        self.rows = rows_of(request.inputs, batches)
-        self.key = shape_key_of(request.inputs, batches)
-        self.state = _State.QUEUED
-        # Whether an observer has been told of its outcome (a report or a rejection).
-        self.reported = False
-
-
-class _ShapeQueue:
-    """Requests that can share a batch, FIFO within each priority level."""
-
-    def __init__(self) -> None:
-        self.levels: dict[int, deque[_Entry]] = {}
-        self.rows = 0
-        self.count = 0
-
-    def push(self, entry: _Entry) -> None:
-        self.levels.setdefault(entry.priority, deque()).append(entry)
-        self.rows += entry.rows
-        self.count += 1
-
-    def remove(self, entry: _Entry) -> None:
-        level = self.levels[entry.priority]
-        level.remove(entry)
-        if not level:
-            del self.levels[entry.priority]
-        self.rows -= entry.rows
-        self.count -= 1
-
-    def in_order(self) -> Iterator[_Entry]:
-        for priority in sorted(self.levels):
-            yield from self.levels[priority]
-
-    def oldest_arrival(self) -> float:
-        # Within a level arrival order holds, so the oldest request is one of the heads.
-        return min(level[0].arrival for level in self.levels.values())
-
-    def readiness(self, policy: BatchingPolicy, now: float) -> tuple[bool, float]:
-        """(ready now, else the loop time at which the delay makes it ready)."""
-        ready_at = self.oldest_arrival() + policy.max_queue_delay
-        # asyncio fires a timer up to its clock resolution early, and float sums land a hair
-        # short; without the slack the dispatcher would wake, find nothing ready, and spin.
-        if (
-            policy.max_batch_size == 0
-            or self.rows >= policy.max_batch_size
-            or ready_at <= now + _TIMER_SLACK
-        ):
-            return True, now
-        if policy.preferred_batch_sizes and self._preferred_prefix(policy) is not None:
-            return True, now
-        return False, ready_at
-
-    def _preferred_prefix(self, policy: BatchingPolicy) -> int | None:
-        """Requests (in dispatch order) that make up the largest preferred size reachable."""
-        best: int | None = None
-        rows = 0
-        for n, entry in enumerate(self.in_order(), start=1):
-            rows += entry.rows
-            if rows > policy.max_batch_size:
-                break
-            if rows in policy.preferred_batch_sizes:
-                best = n
-        return best
-
-    def take(self, policy: BatchingPolicy, now: float) -> list[_Entry]:
-        """Remove and return the next batch: dispatch order, as many rows as fit."""
-        limit: int | None = None
-        if (
-            policy.preferred_batch_sizes
-            and self.rows < policy.max_batch_size
-            and self.oldest_arrival() + policy.max_queue_delay > now + _TIMER_SLACK
-        ):
-            limit = self._preferred_prefix(policy)
-        batch: list[_Entry] = []
-        rows = 0
-        for entry in self.in_order():
-            if batch and (rows + entry.rows > policy.batch_limit or len(batch) == limit):
-                break
-            batch.append(entry)
-            rows += entry.rows
-        for entry in batch:
-            self.remove(entry)
-        return batch
 
 
 class Batcher:
@@ -231,7 +72,7 @@ class Batcher:
         self.policy = policy
         self._executor = executor
         self._observer = observer or Observer()
-        self._queues: dict[tuple[Any, ...], _ShapeQueue] = {}
+        self._queues: dict[tuple[Any, ...], ShapeQueue] = {}
         self._queued = 0
         self._in_flight: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(policy.instances)
@@ -260,7 +101,7 @@ class Batcher:
             raise Unavailable(f"model '{self.model}' version {self.version} is unloading")
         loop = asyncio.get_running_loop()
         now = loop.time()
-        entry = _Entry(
+        entry = QueuedRequest(
             request,
             loop.create_future(),
             now,
@@ -285,7 +126,7 @@ class Batcher:
         self.start()
         queue = self._queues.get(entry.key)
         if queue is None:
-            queue = self._queues[entry.key] = _ShapeQueue()
+            queue = self._queues[entry.key] = ShapeQueue()
         queue.push(entry)
         self._queued += 1
         self._observer.queue_depth_changed(self.model, self.version, self._queued)
@@ -327,16 +168,16 @@ class Batcher:
     def _reject(self, reason: RejectReason) -> None:
         self._observer.request_rejected(self.model, self.version, reason)
 
-    def _unqueue(self, entry: _Entry) -> bool:
+    def _unqueue(self, entry: QueuedRequest) -> bool:
         """Remove a still-queued entry (its caller gave up); False if it already left."""
-        if entry.state is not _State.QUEUED:
+        if entry.state is not EntryState.QUEUED:
             return False
         queue = self._queues[entry.key]
         queue.remove(entry)
         if not queue.count:
             del self._queues[entry.key]
         self._queued -= 1
-        entry.state = _State.GONE
+        entry.state = EntryState.GONE
         self._observer.queue_depth_changed(self.model, self.version, self._queued)
         return True
 
@@ -352,10 +193,10 @@ class Batcher:
             self._in_flight.add(task)
             task.add_done_callback(self._in_flight.discard)
 
-    async def _next_batch(self, loop: asyncio.AbstractEventLoop) -> list[_Entry] | None:
+    async def _next_batch(self, loop: asyncio.AbstractEventLoop) -> list[QueuedRequest] | None:
         while True:
             now = loop.time()
-            chosen: _ShapeQueue | None = None
+            chosen: ShapeQueue | None = None
             chosen_key: tuple[Any, ...] = ()
             wake_at: float | None = None
             for key, queue in self._queues.items():
@@ -384,7 +225,9 @@ class Batcher:
             except TimeoutError:
                 pass
 
-    def _take_live(self, queue: _ShapeQueue, key: tuple[Any, ...], now: float) -> list[_Entry]:
+    def _take_live(
+        self, queue: ShapeQueue, key: tuple[Any, ...], now: float
+    ) -> list[QueuedRequest]:
         """Take the next batch from `queue`, answering (never executing) entries whose deadline
         has passed or whose caller is gone."""
         batch = queue.take(self.policy, now)
@@ -392,9 +235,9 @@ class Batcher:
             del self._queues[key]
         self._queued -= len(batch)
         self._observer.queue_depth_changed(self.model, self.version, self._queued)
-        live: list[_Entry] = []
+        live: list[QueuedRequest] = []
         for entry in batch:
-            entry.state = _State.RUNNING
+            entry.state = EntryState.RUNNING
             if entry.future.done():
                 self._reject(RejectReason.CANCELLED)
             elif entry.request.deadline is not None and entry.request.deadline <= now:
@@ -408,7 +251,7 @@ class Batcher:
                 live.append(entry)
         return live
 
-    async def _execute(self, batch: list[_Entry], loop: asyncio.AbstractEventLoop) -> None:
+    async def _execute(self, batch: list[QueuedRequest], loop: asyncio.AbstractEventLoop) -> None:
         try:
             error = await self._run(batch, loop, answer_failure=len(batch) == 1)
             if error is None or len(batch) == 1:
@@ -432,7 +275,7 @@ class Batcher:
             self._slots.release()
 
     async def _run(
-        self, batch: list[_Entry], loop: asyncio.AbstractEventLoop, answer_failure: bool
+        self, batch: list[QueuedRequest], loop: asyncio.AbstractEventLoop, answer_failure: bool
     ) -> BaseException | None:
         """Execute once and answer each request its outputs; on failure, answer the error only
         when `answer_failure`. Returns the failure."""
@@ -500,7 +343,7 @@ class Batcher:
             )
         return None
 
-    def _fail(self, batch: list[_Entry], error: BaseException | None) -> None:
+    def _fail(self, batch: list[QueuedRequest], error: BaseException | None) -> None:
         rows = sum(entry.rows for entry in batch)
         failure = InferenceFailed(
             f"model '{self.model}' version {self.version} failed on a batch of {rows} rows: {error}"
@@ -510,10 +353,13 @@ class Batcher:
                 entry.future.set_exception(failure)
 
     @staticmethod
-    def _union_of_outputs(batch: list[_Entry]) -> tuple[str, ...]:
+    def _union_of_outputs(batch: list[QueuedRequest]) -> tuple[str, ...]:
         names: dict[str, None] = {}
         for entry in batch:
             if not entry.request.outputs:
                 return ()
             names.update(dict.fromkeys(entry.request.outputs))
         return tuple(names)
+
+
+__all__ = ["BatchExecutor", "BatchRun", "Batcher", "BatchingPolicy"]
