@@ -27,6 +27,7 @@ from server.core.errors import (
     QueueFull,
     Unavailable,
 )
+from server.core.fine_timer import wait_until
 from server.core.observer import BatchReport, Observer, RejectReason
 from server.core.types import Array, InferRequest, InferResult
 
@@ -66,8 +67,11 @@ class Batcher:
         policy: BatchingPolicy,
         executor: BatchExecutor,
         observer: Observer | None = None,
+        fine_timer: bool = True,
     ) -> None:
+        """`fine_timer` False keeps every wait on the loop's own clock (fake-clock tests)."""
         self.model = model
+        self._fine_timer = fine_timer
         self.version = version
         self.policy = policy
         self._executor = executor
@@ -216,14 +220,10 @@ class Batcher:
             if self._draining:
                 return None
             self._wake.clear()
-            try:
-                if wake_at is None:
-                    await self._wake.wait()
-                else:
-                    async with asyncio.timeout_at(wake_at):
-                        await self._wake.wait()
-            except TimeoutError:
-                pass
+            if wake_at is None:
+                await self._wake.wait()
+            else:
+                await wait_until(self._wake, wake_at, fine=self._fine_timer)
 
     def _take_live(
         self, queue: ShapeQueue, key: tuple[Any, ...], now: float

@@ -149,7 +149,8 @@ def now() -> float:
 def make_batcher(
     executor: FakeExecutor, observer: Observer | None = None, **policy: Any
 ) -> Batcher:
-    return Batcher("m", 1, BatchingPolicy(**policy), executor, observer)
+    # Fake loop clock: the fine timer's sleeping thread would keep real time.
+    return Batcher("m", 1, BatchingPolicy(**policy), executor, observer, fine_timer=False)
 
 
 def submit_at(batcher: Batcher, at: float, req: InferRequest) -> asyncio.Task[InferResult]:
@@ -713,7 +714,14 @@ async def test_every_request_gets_exactly_one_answer_under_random_load() -> None
         check=check,
     )
     depths = RecordingObserver()
-    batcher = Batcher("m", 1, policy, executor, MultiObserver([StatisticsRecorder(stats), depths]))
+    batcher = Batcher(
+        "m",
+        1,
+        policy,
+        executor,
+        MultiObserver([StatisticsRecorder(stats), depths]),
+        fine_timer=False,
+    )
 
     for ident in range(500):
         # Steady arrivals over four seconds, and a burst that overflows the queue. Arrivals and
