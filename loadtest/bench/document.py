@@ -44,9 +44,10 @@ def _machine_table(machine: dict[str, object]) -> str:
 def _method(plan: MeasurementPlan, workers: int) -> str:
     return "\n".join(
         [
-            f"- Load comes from `inferd-loadtest` ({workers} worker processes, each an asyncio "
-            "event loop with grpc.aio clients sending pre-serialised requests); the server and "
-            "the load generator share this machine's cores.",
+            f"- Load comes from `inferd-loadtest`: up to {workers} worker processes (a level uses "
+            "one per 16 callers or 1,000 requests/s), each an asyncio event loop with grpc.aio "
+            "clients sending pre-serialised requests; the server and the load generator share "
+            "this machine's cores.",
             f"- Each load level: {plan.warmup_s:g} s warm-up, then windows of {plan.window_s:g} s "
             f"until the last three agree within {plan.tolerance:.0%} on throughput and median "
             f"latency, or {plan.max_windows} windows at most (then marked `*`). The figures are "

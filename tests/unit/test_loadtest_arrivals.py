@@ -123,17 +123,21 @@ def test_levels_parse_and_label() -> None:
         open_levels("0", "constant")
 
 
-def test_closed_loop_concurrency_and_open_loop_rate_split_across_workers() -> None:
+def test_a_level_uses_as_few_workers_as_carry_it() -> None:
     pool = WorkerPool.__new__(WorkerPool)
     pool.size = 3
-    (level,) = closed_levels("7")
-    assert [(w, c) for w, c, _, _ in pool.shares(level)] == [(0, 3), (1, 2), (2, 2)]
-    (one,) = closed_levels("1")
-    assert [(w, c) for w, c, _, _ in pool.shares(one)] == [(0, 1)]
-    (rate,) = open_levels("300", "constant")
-    shares = pool.shares(rate)
-    assert [r for _, _, r, _ in shares] == pytest.approx([100.0] * 3)
-    assert [p for _, _, _, p in shares] == pytest.approx([0.0, 1 / 300, 2 / 300])
+    (small,) = closed_levels("7")
+    assert [(w, c) for w, c, _, _ in pool.shares(small)] == [(0, 7)]
+    (large,) = closed_levels("40")
+    assert [(w, c) for w, c, _, _ in pool.shares(large)] == [(0, 14), (1, 13), (2, 13)]
+    (huge,) = closed_levels("200")
+    assert [c for _, c, _, _ in pool.shares(huge)] == [67, 67, 66]
+    (slow,) = open_levels("300", "constant")
+    assert [(w, r) for w, _, r, _ in pool.shares(slow)] == [(0, 300.0)]
+    (fast,) = open_levels("3000", "constant")
+    shares = pool.shares(fast)
+    assert [r for _, _, r, _ in shares] == pytest.approx([1000.0] * 3)
+    assert [p for _, _, _, p in shares] == pytest.approx([0.0, 1 / 3000, 2 / 3000])
 
 
 def test_every_level_is_bounded_in_time() -> None:
