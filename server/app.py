@@ -61,6 +61,8 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
     return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
+        # A second server on a taken port must fail to start, not share its connections.
+        ("grpc.so_reuseport", 0),
     ]
 
 

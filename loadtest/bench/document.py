@@ -123,4 +123,9 @@ def write_document(
             "\n".join(f"- {gap}" for gap in gaps),
         ]
     )
+    # The GPU section comes from scripts/gpu_check.sh on the device, not from this suite: keep it.
+    previous = path.read_text() if path.exists() else ""
+    gpu = previous.find("\n## GPU\n")
+    if gpu >= 0:
+        text += "\n" + previous[gpu:].rstrip("\n")
     path.write_text(text + "\n")

@@ -55,8 +55,12 @@ SessionFactory = Callable[[Path, ModelConfig, ModelDefaults, str], ModelSession]
 def onnxruntime_session(
     path: Path, config: ModelConfig, defaults: ModelDefaults, name: str
 ) -> ModelSession:
+    """The production session: providers from the config, execution fields (batch buckets,
+    CUDA graphs, sessions per slot) applied by the runtime."""
     providers = resolve_providers(
-        config.execution_providers or defaults.execution_providers, config.provider_options
+        config.execution_providers or defaults.execution_providers,
+        config.provider_options,
+        cuda_graphs=config.cuda_graphs,
     )
     threads = config.intra_op_threads
     return OnnxRuntimeSession(
@@ -65,6 +69,8 @@ def onnxruntime_session(
         intra_op_threads=defaults.intra_op_threads if threads is None else threads,
         instances=config.instances or defaults.instances,
         name=name,
+        config=config,
+        defaults=defaults,
     )
 
 

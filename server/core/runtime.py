@@ -1,4 +1,12 @@
-"""ONNX Runtime sessions: provider selection and batch execution off the event loop."""
+"""ONNX Runtime sessions: provider selection and batch execution off the event loop.
+
+A model version's `OnnxRuntimeSession` owns its ONNX Runtime session(s) and `instances`
+execution slots (`cuda_execution`), one thread each. A batch takes a free slot, is
+concatenated into that slot's staging buffers (pinned on CUDA) and zero-padded up to its batch
+bucket (`buckets`), runs (IO binding on CUDA; a replayed CUDA graph per bucket with
+`cuda_graphs`, see `cuda_graphs`), and its outputs are split back per request as views that
+stop at the real rows.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +14,7 @@ import asyncio
 import ctypes
 import functools
 import logging
+import queue
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -15,19 +24,42 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from server.core.batcher import BatchRun
-from server.core.model_config import ProviderOptions
-from server.core.signature import GraphTensor
-from server.core.types import Array
+from client.wire import DTYPES
+from server.core.batcher import BatchingPolicy, BatchRun
+from server.core.buckets import bucket_for, resolve_buckets
+from server.core.cuda_execution import (
+    BindingSlot,
+    CudaUse,
+    ExecutionSlot,
+    NoGate,
+    PlainSlot,
+    rows_in,
+)
+from server.core.cuda_graphs import CAPTURE_GATE, GraphSlot
+from server.core.cuda_providers import (
+    CUDA,
+    TENSORRT,
+    cuda_options,
+    device_id,
+    tensorrt_options,
+)
+from server.core.errors import InvalidInput
+from server.core.model_config import ModelConfig, ModelDefaults, ProviderOptions
+from server.core.signature import GraphTensor, derive_signature
+from server.core.types import Array, ModelSignature
 
 log = logging.getLogger(__name__)
 
 PROVIDER_NAMES = {
-    "tensorrt": "TensorrtExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
+    "tensorrt": TENSORRT,
+    "cuda": CUDA,
     "cpu": "CPUExecutionProvider",
 }
 _GPU_PROVIDERS = {"tensorrt", "cuda"}
+# Datatypes IO binding takes by address; others (strings, bfloat16) run through `session.run`.
+_BINDABLE = {name for name in DTYPES if name not in ("BYTES", "BF16")}
+
+Providers = list[tuple[str, dict[str, Any]]]
 
 
 @functools.cache
@@ -48,11 +80,14 @@ def cuda_usable() -> bool:
 
 
 def resolve_providers(
-    preferences: Sequence[str], options: Mapping[str, ProviderOptions]
-) -> list[tuple[str, dict[str, Any]]]:
+    preferences: Sequence[str],
+    options: Mapping[str, ProviderOptions],
+    cuda_graphs: bool = False,
+) -> Providers:
     """ONNX Runtime (provider, options) pairs in order, skipping GPU providers without a usable
-    GPU; CPU always comes last as the fallback."""
-    chosen: list[tuple[str, dict[str, Any]]] = []
+    GPU; CPU always comes last as the fallback. Options are the config's, unchanged, plus
+    inferd's defaults for what it leaves out (see `cuda_providers`)."""
+    chosen: Providers = []
     skipped: list[str] = []
     for key in preferences:
         key = key.lower()
@@ -65,8 +100,7 @@ def resolve_providers(
             continue
         provider_options: dict[str, Any] = dict(options.get(key, {}))
         if key == "cuda":
-            # EXHAUSTIVE (ORT's default) searches again for every new input shape.
-            provider_options.setdefault("cudnn_conv_algo_search", "HEURISTIC")
+            provider_options = cuda_options(provider_options, cuda_graphs)
         chosen.append((PROVIDER_NAMES[key], provider_options))
     if not any(name == PROVIDER_NAMES["cpu"] for name, _ in chosen):
         chosen.append((PROVIDER_NAMES["cpu"], dict(options.get("cpu", {}))))
@@ -80,12 +114,40 @@ def _log_gpu_unusable_once(skipped: tuple[str, ...]) -> None:
     log.info("no usable CUDA GPU; skipping %s, running on CPU", ", ".join(skipped))
 
 
-class OnnxRuntimeSession:
-    """One ONNX Runtime session for one model version, shared by its execution slots.
+def _load(
+    path: Path, providers: Sequence[tuple[str, dict[str, Any]]], intra_op_threads: int
+) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    options.log_severity_level = 3
+    return ort.InferenceSession(
+        str(path),
+        sess_options=options,
+        providers=[name for name, _ in providers],
+        provider_options=[opts for _, opts in providers],
+    )
 
-    Construction loads the model and blocks: call it off the event loop. `execute` runs a batch
-    on the session's own thread pool (one thread per slot); ONNX Runtime releases the GIL while
-    it runs, so the event loop keeps serving.
+
+def _graph_tensors(
+    session: ort.InferenceSession,
+) -> tuple[tuple[GraphTensor, ...], tuple[GraphTensor, ...]]:
+    return (
+        tuple(GraphTensor(i.name, i.type, tuple(i.shape)) for i in session.get_inputs()),
+        tuple(GraphTensor(o.name, o.type, tuple(o.shape)) for o in session.get_outputs()),
+    )
+
+
+class OnnxRuntimeSession:
+    """The ONNX Runtime session(s) of one model version and its execution slots.
+
+    Construction loads the model (and on CUDA with `cuda_graphs`, captures a graph per bucket
+    and slot) and blocks: call it off the event loop. `execute` runs a batch on the session's
+    own thread pool (one thread per slot); ONNX Runtime releases the GIL while it runs, so the
+    event loop keeps serving.
+
+    `config` and `defaults` give the execution fields (batch_buckets, cuda_graphs,
+    session_per_instance) and what the batch dim is; left out, none apply. `io_binding` None
+    binds on CUDA only; True binds on the CPU too (tests).
     """
 
     def __init__(
@@ -95,27 +157,124 @@ class OnnxRuntimeSession:
         intra_op_threads: int = 0,
         instances: int = 1,
         name: str = "",
+        config: ModelConfig | None = None,
+        defaults: ModelDefaults | None = None,
+        io_binding: bool | None = None,
     ) -> None:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = intra_op_threads
-        options.log_severity_level = 3
-        self._session = ort.InferenceSession(
-            str(path),
-            sess_options=options,
-            providers=[name for name, _ in providers],
-            provider_options=[opts for _, opts in providers],
-        )
-        self.providers: tuple[str, ...] = tuple(self._session.get_providers())
-        self.inputs = tuple(
-            GraphTensor(i.name, i.type, tuple(i.shape)) for i in self._session.get_inputs()
-        )
-        self.outputs = tuple(
-            GraphTensor(o.name, o.type, tuple(o.shape)) for o in self._session.get_outputs()
-        )
+        config = config or ModelConfig()
+        defaults = defaults or ModelDefaults()
+        requested = [
+            (p, cuda_options(o, config.cuda_graphs) if p == CUDA else dict(o)) for p, o in providers
+        ]
+        names = [p for p, _ in requested]
+        wants_gpu = CUDA in names or TENSORRT in names
+        signature: ModelSignature | None = None
+        buckets: tuple[int, ...] = ()
+        if TENSORRT in names:
+            # TensorRT builds its engine at session creation, so the profile (from the batch
+            # buckets) must be known before: read the graph once on the CPU first.
+            probe = _load(path, [("CPUExecutionProvider", {})], 1)
+            signature = derive_signature(*_graph_tensors(probe), config, defaults)
+            del probe
+            buckets = resolve_buckets(config.batch_buckets, signature.max_batch_size, True)
+            requested = [
+                (p, tensorrt_options(o, signature.inputs, buckets, config.cuda_graphs))
+                if p == TENSORRT
+                else (p, o)
+                for p, o in requested
+            ]
+        gate: CudaUse = CAPTURE_GATE if wants_gpu else NoGate()
+        with gate.use():
+            first = _load(path, requested, intra_op_threads)
+        self.providers: tuple[str, ...] = tuple(first.get_providers())
+        graph_inputs, graph_outputs = _graph_tensors(first)
+        self.inputs = graph_inputs
+        self.outputs = graph_outputs
         self._output_names = [o.name for o in self.outputs]
+        on_cuda = self.providers[0] in (CUDA, TENSORRT)
+        if signature is None:
+            signature = derive_signature(graph_inputs, graph_outputs, config, defaults)
+            buckets = resolve_buckets(config.batch_buckets, signature.max_batch_size, on_cuda)
+        self.signature = signature
+        self.buckets = buckets
+        self._batches = signature.max_batch_size > 0
+        bindable = all(t.datatype in _BINDABLE for t in (*signature.inputs, *signature.outputs))
+        use_binding = bindable and (on_cuda if io_binding is None else io_binding)
+        device = "cuda" if on_cuda else "cpu"
+        gpu = device_id(requested)
+        use_graphs = config.cuda_graphs and on_cuda and bindable
+        if config.cuda_graphs and not use_graphs:
+            log.info(
+                "model '%s': cuda_graphs ignored: %s",
+                name or path.parent.name,
+                "string or bfloat16 tensors" if on_cuda else "not running on CUDA",
+            )
+        if use_graphs:
+            _require_graphable(signature, buckets)
+        per_instance = config.session_per_instance or use_graphs
+        sessions = [first]
+        if per_instance:
+            with gate.use():
+                sessions += [_load(path, requested, intra_op_threads) for _ in range(instances - 1)]
+        self._sessions = sessions
+        self._slots: list[ExecutionSlot] = []
+        for index in range(instances):
+            session = sessions[index % len(sessions)]
+            slot: ExecutionSlot
+            if use_graphs:
+                slot = GraphSlot(session, device, gpu)
+            elif use_binding:
+                slot = BindingSlot(session, device, gpu, gate if on_cuda else NoGate())
+            else:
+                slot = PlainSlot(session, gate if on_cuda else NoGate())
+            self._slots.append(slot)
+        self._per_slot_warmup = on_cuda or per_instance
+        self._gate = gate
+        self._free: queue.SimpleQueue[ExecutionSlot] = queue.SimpleQueue()
+        for slot in self._slots:
+            self._free.put(slot)
+        try:
+            if use_graphs:
+                self._capture_graphs(signature)
+        except BaseException:
+            self.close(wait=False)
+            raise
         self._pool = ThreadPoolExecutor(
             max_workers=instances, thread_name_prefix=f"ort-{name or path.parent.name}"
         )
+        if buckets:
+            log.info(
+                "model '%s': batch buckets %s on %s (%d slot(s), %d session(s)%s)",
+                name or path.parent.name,
+                list(buckets),
+                self.providers[0],
+                instances,
+                len(sessions),
+                ", CUDA graphs" if use_graphs else "",
+            )
+
+    def _capture_graphs(self, signature: ModelSignature) -> None:
+        for slot in self._slots:
+            assert isinstance(slot, GraphSlot)
+            for rows in self.buckets:
+                sample = {
+                    spec.name: np.zeros((rows, *spec.dims), dtype=DTYPES[spec.datatype])
+                    for spec in signature.inputs
+                }
+                slot.capture(sample)
+
+    def warmup_batch_sizes(self, policy: BatchingPolicy) -> list[int]:
+        """Batch sizes for warm-up to run, in order: every bucket (or, without buckets, 1, the
+        preferred sizes and the maximum), once per slot where slots have their own session or
+        staging buffers to prepare (slots are taken round-robin)."""
+        if policy.max_batch_size == 0:
+            sizes = [1]
+        elif self.buckets:
+            sizes = list(self.buckets)
+        else:
+            sizes = sorted({1, *policy.preferred_batch_sizes, policy.max_batch_size})
+        repeat = len(self._slots) if self._per_slot_warmup else 1
+        return [size for size in sizes for _ in range(repeat)]
 
     async def execute(
         self, batch: Sequence[Mapping[str, Array]], outputs: Sequence[str]
@@ -124,43 +283,71 @@ class OnnxRuntimeSession:
         return await loop.run_in_executor(self._pool, self.run_batch, batch, outputs)
 
     def run_batch(self, batch: Sequence[Mapping[str, Array]], outputs: Sequence[str]) -> BatchRun:
-        """Concatenate the requests along dim 0, run once, and split the outputs back (views,
-        no copies). A single request runs as sent, without concatenation."""
+        """Concatenate the requests along dim 0 (padded to the batch bucket), run once, and
+        split the outputs back: views of each request's rows, never a padding row."""
         names = list(outputs) or self._output_names
         t0 = time.perf_counter()
-        if len(batch) == 1:
-            feeds = batch[0]
-        else:
-            feeds = {k: np.concatenate([part[k] for part in batch]) for k in batch[0]}
-        t1 = time.perf_counter()
-        results = self._session.run(names, feeds)
-        t2 = time.perf_counter()
-        if len(batch) == 1:
+        real = rows_in(batch) if self._batches else 1
+        rows = bucket_for(real, self.buckets) if self._batches else None
+        slot = self._free.get()
+        try:
+            feeds = slot.stage(batch, rows)
+            t1 = time.perf_counter()
+            results = slot.run(feeds, names)
+            t2 = time.perf_counter()
+        finally:
+            self._free.put(slot)
+        if rows is None or (len(batch) == 1 and rows == real):
             split = [dict(zip(names, results, strict=True))]
         else:
-            split = self._split(batch, names, results)
+            split = self._split(batch, names, results, rows)
         return BatchRun(split, t1 - t0, t2 - t1, time.perf_counter() - t2)
 
     @staticmethod
     def _split(
-        batch: Sequence[Mapping[str, Array]], names: list[str], results: list[Array]
+        batch: Sequence[Mapping[str, Array]],
+        names: list[str],
+        results: list[Array],
+        rows: int,
     ) -> list[dict[str, Array]]:
-        sizes = [len(next(iter(part.values()))) for part in batch]
-        total = sum(sizes)
         for name, result in zip(names, results, strict=True):
-            if result.ndim == 0 or result.shape[0] != total:
+            if result.ndim == 0 or result.shape[0] != rows:
                 raise RuntimeError(
                     f"output '{name}' has shape {list(result.shape)}; "
-                    f"expected dim 0 = {total} rows for the batch"
+                    f"expected dim 0 = {rows} rows for the batch"
                 )
         split: list[dict[str, Array]] = []
         start = 0
-        for size in sizes:
+        for part in batch:
+            size = int(next(iter(part.values())).shape[0])
             split.append({n: r[start : start + size] for n, r in zip(names, results, strict=True)})
             start += size
         return split
 
-    def close(self) -> None:
-        """Wait for running batches, then drop the session and its memory."""
-        self._pool.shutdown(wait=True)
-        del self._session
+    def close(self, wait: bool = True) -> None:
+        """Wait for running batches, then drop the sessions, buffers and device memory."""
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=wait)
+        # Freeing device memory is a CUDA call: never during another model's graph capture.
+        with self._gate.use():
+            for slot in self._slots:
+                slot.close()
+            self._slots.clear()
+            self._sessions.clear()
+
+
+def _require_graphable(signature: ModelSignature, buckets: Sequence[int]) -> None:
+    if not buckets:
+        raise InvalidInput(
+            "cuda_graphs needs batch buckets: a model with a batch dim (max_batch_size > 0) "
+            "and batch_buckets not []"
+        )
+    for spec in signature.inputs:
+        if any(d < 0 for d in spec.dims):
+            raise InvalidInput(
+                f"cuda_graphs needs fixed input shapes: input '{spec.name}' has dims "
+                f"{list(spec.dims)} after the batch dim; declare them in config.toml "
+                f'(inputs = [{{name = "{spec.name}", datatype = "{spec.datatype}", '
+                f"dims = [...]}}])"
+            )
