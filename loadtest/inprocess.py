@@ -17,24 +17,7 @@ import onnxruntime as ort
 
 from loadtest.inputs import ModelSignature, Payload, TensorSpec
 from loadtest.target import RequestFailed, RequestSender, TargetDriver, TargetError, TargetSpec
-
-# ONNX Runtime type strings -> Open Inference Protocol datatypes.
-ORT_DATATYPES = {
-    "tensor(bool)": "BOOL",
-    "tensor(uint8)": "UINT8",
-    "tensor(uint16)": "UINT16",
-    "tensor(uint32)": "UINT32",
-    "tensor(uint64)": "UINT64",
-    "tensor(int8)": "INT8",
-    "tensor(int16)": "INT16",
-    "tensor(int32)": "INT32",
-    "tensor(int64)": "INT64",
-    "tensor(float16)": "FP16",
-    "tensor(bfloat16)": "BF16",
-    "tensor(float)": "FP32",
-    "tensor(double)": "FP64",
-    "tensor(string)": "BYTES",
-}
+from server.core.signature import ORT_DATATYPES
 
 
 def model_path(spec: TargetSpec) -> Path:
