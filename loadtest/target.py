@@ -20,7 +20,7 @@ import abc
 import ipaddress
 import socket
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Literal
 
 from loadtest.inputs import ModelSignature, Payload
@@ -60,9 +60,6 @@ class TargetSpec:
         if self.kind == "inprocess":
             return f"inprocess/{self.model}"
         return f"{self.kind}/{self.model}"
-
-    def with_defaults(self, model: str) -> TargetSpec:
-        return self if self.model else replace(self, model=model)
 
 
 def parse_target(text: str, default_model: str = "") -> TargetSpec:

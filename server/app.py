@@ -212,9 +212,6 @@ class InferenceServer:
                 return
             await asyncio.sleep(min(QUIET_PERIOD - quiet_for, left))
 
-    async def wait_stopped(self) -> None:
-        await self._stopped.wait()
-
 
 async def serve(config: ServerConfig) -> None:
     """Run until SIGTERM or SIGINT, then drain and return."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -180,12 +179,3 @@ def p50_ms(session: SessionReport, target: int, level: int = 0) -> float:
 
 def p99_ms(session: SessionReport, target: int, level: int = 0) -> float:
     return LatencySummary.of(session.targets[target].levels[level].measured.latencies).p99_ms
-
-
-class Stopwatch:
-    def __init__(self) -> None:
-        self.began = time.monotonic()
-
-    @property
-    def elapsed(self) -> float:
-        return time.monotonic() - self.began

@@ -29,12 +29,6 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def port_open(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
 class ManagedServer:
     """A server subprocess: started in its own process group, stopped with SIGTERM then
     SIGKILL, its combined output in `log_path`."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -371,9 +371,6 @@ class ModelRegistry:
     async def _unload(self, version: ModelVersion) -> None:
         await self._release(version)
         self._transition(version, ModelState.UNLOADED, version.reason)
-
-    def all_versions(self) -> Sequence[ModelVersion]:
-        return [v for vs in self._models.values() for v in vs.values()]
 
 
 def _first_line(exc: BaseException) -> str:

@@ -4,6 +4,7 @@ thread below FINE_BELOW, the loop's own timer above), on a real loop."""
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -32,14 +33,26 @@ async def test_returns_when_the_event_is_set_first(wait: float) -> None:
 
 async def test_a_past_deadline_returns_at_once() -> None:
     loop = asyncio.get_running_loop()
-    await wait_until(asyncio.Event(), loop.time() - 1)
+    sleepers_before = _sleeping_threads()
+    async with asyncio.timeout(1):
+        await wait_until(asyncio.Event(), loop.time() - 1)
+    assert _sleeping_threads() == sleepers_before, "no sleeper started for a past deadline"
 
 
 async def test_many_short_waits_in_a_row_do_not_queue_behind_sleepers() -> None:
     loop = asyncio.get_running_loop()
     event = asyncio.Event()
-    for _ in range(20):
-        event.clear()
-        loop.call_soon(event.set)
-        await wait_until(event, loop.time() + FINE_BELOW / 2)
-    await wait_until(asyncio.Event(), loop.time() + FINE_BELOW / 4)
+    async with asyncio.timeout(5):
+        for _ in range(20):
+            event.clear()
+            loop.call_soon(event.set)
+            await wait_until(event, loop.time() + FINE_BELOW / 2)
+            assert event.is_set()
+        deadline = loop.time() + FINE_BELOW / 4
+        await wait_until(asyncio.Event(), deadline)
+    # The last wait still kept its own deadline, whatever the earlier sleepers were doing.
+    assert loop.time() >= deadline - 1e-6
+
+
+def _sleeping_threads() -> int:
+    return sum(1 for t in threading.enumerate() if t.name.startswith("inferd-timer"))
