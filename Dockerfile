@@ -7,7 +7,6 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 
 WORKDIR /opt/inferd
 COPY pyproject.toml README.md ./
-COPY gen gen
 COPY server server
 COPY client client
 COPY loadtest loadtest

@@ -23,7 +23,7 @@ gen: $(STAMP)
 	$(PY) scripts/generate_protos.py
 
 models: $(STAMP)
-	$(PY) -m server.demo_models --out $(MODELS)
+	$(PY) -m inferd.demo_models --out $(MODELS)
 
 serve: gen models
 	$(VENV)/bin/inferd serve --model-repository $(MODELS) --host $(HOST) --port $(PORT) \
@@ -32,7 +32,7 @@ serve: gen models
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy server/core
+	$(VENV)/bin/mypy -p inferd.core
 
 test-deps:
 	scripts/install_test_deps.sh
@@ -60,4 +60,4 @@ clean:
 # ports, runs loadtest/scenarios/*.toml (~15 min here) and writes docs/benchmarks.md.
 .PHONY: bench
 bench: $(STAMP)
-	$(PY) -m loadtest.bench
+	$(PY) -m inferd.loadtest.bench

@@ -1,8 +1,8 @@
-"""`python -m loadtest`: the same as `inferd-loadtest`."""
+"""`python -m inferd.loadtest`: the same as `inferd-loadtest`."""
 
 import sys
 
-from loadtest.cli import main
+from inferd.loadtest.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

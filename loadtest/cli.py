@@ -1,4 +1,4 @@
-"""`inferd-loadtest` (also `python -m loadtest`): drive one target, or compare several.
+"""`inferd-loadtest` (also `python -m inferd.loadtest`): drive one target, or compare several.
 
     inferd-loadtest --target native:127.0.0.1:8001 --model mlp --concurrency 1,4,16,64
     inferd-loadtest --target native:127.0.0.1:8001 --model mlp --rate 200,800 --arrival poisson
@@ -17,11 +17,11 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
-from loadtest.inputs import InputError, load_input_files, parse_shapes
-from loadtest.levels import LoadLevel, closed_levels, open_levels
-from loadtest.runner import MeasurementPlan, RunError
-from loadtest.session import Workload, run_session
-from loadtest.target import TargetError, TargetSpec, parse_target
+from inferd.loadtest.inputs import InputError, load_input_files, parse_shapes
+from inferd.loadtest.levels import LoadLevel, closed_levels, open_levels
+from inferd.loadtest.runner import MeasurementPlan, RunError
+from inferd.loadtest.session import Workload, run_session
+from inferd.loadtest.target import TargetError, TargetSpec, parse_target
 
 DEFAULT_TARGET = "native:127.0.0.1:8001"
 RESULTS = Path("loadtest") / "results"
@@ -159,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"inferd-loadtest: {exc}", file=sys.stderr)
         return 1
 
-    from loadtest.report import format_session, write_csv, write_json
+    from inferd.loadtest.report import format_session, write_csv, write_json
 
     out: Path = args.out or RESULTS / datetime.now().strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
@@ -167,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_csv(session, out / "report.csv")
     written = [out / "report.json", out / "report.csv"]
     if not args.no_plots:
-        from loadtest.plots import write_plots
+        from inferd.loadtest.plots import write_plots
 
         written += write_plots(session, out)
     print(format_session(session))

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from loadtest.latency import merge_samples, percentiles
+from inferd.loadtest.latency import merge_samples, percentiles
 
 
 @dataclass

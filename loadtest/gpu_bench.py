@@ -1,8 +1,8 @@
 """In-process ceilings on the GPU, batch-bucket padding cost, and the GPU report.
 
-    python -m loadtest.gpu_bench ceiling --model resnet50.onnx --name resnet50 --out c.json
-    python -m loadtest.gpu_bench padding --model models/cnn/1/model.onnx --max-batch 32
-    python -m loadtest.gpu_bench report --ceiling c.json --served DIR ... --out summary.md
+    python -m inferd.loadtest.gpu_bench ceiling --model resnet50.onnx --name resnet50 --out c.json
+    python -m inferd.loadtest.gpu_bench padding --model models/cnn/1/model.onnx --max-batch 32
+    python -m inferd.loadtest.gpu_bench report --ceiling c.json --served DIR ... --out summary.md
 
 `ceiling` runs ONNX Runtime directly (no server, no RPC), as ../shared/GPU.md measured it: per
 batch size, numpy in and out, IO binding with the data already on the device, and IO binding
@@ -13,7 +13,8 @@ throughput is judged against, in the same run on the same machine.
 `padding` measures what batch buckets cost where the model runs: inferd's own runtime on the
 same sequence of random batch sizes, with and without buckets, interleaved.
 
-`report` writes the markdown table: served rows/s (from `python -m loadtest` report.json files)
+`report` writes the markdown table: served rows/s (from `python -m inferd.loadtest`
+report.json files)
 as a fraction of the in-process best, and batch-1 latencies.
 """
 
@@ -227,9 +228,9 @@ def padding(args: argparse.Namespace) -> dict[str, Any]:
     """inferd's runtime on the same random batch sizes with buckets on and off: one session,
     its buckets switched batch by batch (order alternating), so that both see the same
     threads, caches and machine noise."""
-    from server.core.buckets import default_buckets
-    from server.core.model_config import ModelConfig, ModelDefaults
-    from server.core.runtime import OnnxRuntimeSession, resolve_providers
+    from inferd.core.models.config import ModelConfig, ModelDefaults
+    from inferd.core.runtime.buckets import default_buckets
+    from inferd.core.runtime.session import OnnxRuntimeSession, resolve_providers
 
     path = Path(args.model)
     providers = resolve_providers(["cuda", "cpu"] if args.device == "cuda" else ["cpu"], {})
@@ -277,7 +278,7 @@ def padding(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _served_levels(report_path: Path) -> list[dict[str, Any]]:
-    """Every (target, level) of a `python -m loadtest` report.json, flattened."""
+    """Every (target, level) of a `python -m inferd.loadtest` report.json, flattened."""
     data = json.loads(report_path.read_text())
     rows: list[dict[str, Any]] = []
     for target in data.get("targets", []):
@@ -406,7 +407,9 @@ def _ints(text: str) -> list[int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtest.gpu_bench", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m inferd.loadtest.gpu_bench", description=__doc__
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("ceiling", help="in-process items/s per batch, mode and threads")
     c.add_argument("--model", required=True)

@@ -15,9 +15,15 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from loadtest.inputs import ModelSignature, Payload, TensorSpec
-from loadtest.target import RequestFailed, RequestSender, TargetDriver, TargetError, TargetSpec
-from server.core.signature import ORT_DATATYPES
+from inferd.core.models.signature import ORT_DATATYPES
+from inferd.loadtest.inputs import ModelSignature, Payload, TensorSpec
+from inferd.loadtest.target import (
+    RequestFailed,
+    RequestSender,
+    TargetDriver,
+    TargetError,
+    TargetSpec,
+)
 
 
 def model_path(spec: TargetSpec) -> Path:

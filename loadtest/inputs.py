@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from client.wire import DTYPES
+from inferd_wire.codec import DTYPES
 
 Payload = dict[str, np.ndarray]
 

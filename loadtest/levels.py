@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from loadtest.arrivals import Arrival
+from inferd.loadtest.arrivals import Arrival
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,22 @@ from collections.abc import Sequence
 
 import grpc
 
-from client.wire import to_wire
-from inferd.v1 import model_status_pb2, model_status_pb2_grpc, predict_pb2, tensor_pb2
-from loadtest.inputs import ModelSignature, Payload, TensorSpec
-from loadtest.server_stats import ServerCounters
-from loadtest.target import RequestFailed, RequestSender, TargetDriver, TargetError, TargetSpec
+from inferd.loadtest.inputs import ModelSignature, Payload, TensorSpec
+from inferd.loadtest.server_stats import ServerCounters
+from inferd.loadtest.target import (
+    RequestFailed,
+    RequestSender,
+    TargetDriver,
+    TargetError,
+    TargetSpec,
+)
+from inferd_wire.codec import to_wire
+from inferd_wire.proto.inferd.v1 import (
+    model_status_pb2,
+    model_status_pb2_grpc,
+    predict_pb2,
+    tensor_pb2,
+)
 
 PREDICT_METHOD = "/inferd.v1.Predict/Predict"
 CONTROL_TIMEOUT_S = 10.0

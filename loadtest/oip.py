@@ -15,10 +15,16 @@ from types import ModuleType
 
 import grpc
 
-from client.wire import to_wire
-from loadtest.inputs import ModelSignature, Payload, TensorSpec
-from loadtest.server_stats import ServerCounters
-from loadtest.target import RequestFailed, RequestSender, TargetDriver, TargetError, TargetSpec
+from inferd.loadtest.inputs import ModelSignature, Payload, TensorSpec
+from inferd.loadtest.server_stats import ServerCounters
+from inferd.loadtest.target import (
+    RequestFailed,
+    RequestSender,
+    TargetDriver,
+    TargetError,
+    TargetSpec,
+)
+from inferd_wire.codec import to_wire
 
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 CONTROL_TIMEOUT_S = 10.0
@@ -27,11 +33,11 @@ CONTROL_TIMEOUT_S = 10.0
 def load_stubs() -> tuple[ModuleType, ModuleType]:
     """(grpc_service_pb2, grpc_service_pb2_grpc), or TargetError saying why not."""
     try:
-        messages = importlib.import_module("inference.grpc_service_pb2")
-        services = importlib.import_module("inference.grpc_service_pb2_grpc")
+        messages = importlib.import_module("inferd_wire.proto.inference.grpc_service_pb2")
+        services = importlib.import_module("inferd_wire.proto.inference.grpc_service_pb2_grpc")
     except ImportError as exc:
         raise TargetError(
-            "Open Inference Protocol stubs not present (`from inference import "
+            "Open Inference Protocol stubs not present (`from inferd_wire.proto.inference import "
             f"grpc_service_pb2` failed: {exc}); the OIP frontend's gen/inference is missing"
         ) from None
     return messages, services

@@ -16,8 +16,8 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
 
-from loadtest.latency import LatencySummary, empirical_cdf
-from loadtest.session import SessionReport
+from inferd.loadtest.latency import LatencySummary, empirical_cdf
+from inferd.loadtest.session import SessionReport
 
 
 def plot_latency_throughput(session: SessionReport, path: Path, title: str = "") -> Path:

@@ -10,9 +10,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from loadtest.latency import LatencySummary, percentiles
-from loadtest.runner import LevelResult
-from loadtest.session import SessionReport, TargetReport
+from inferd.loadtest.latency import LatencySummary, percentiles
+from inferd.loadtest.runner import LevelResult
+from inferd.loadtest.session import SessionReport, TargetReport
 
 
 def _finite(value: Any) -> Any:

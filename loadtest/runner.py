@@ -19,13 +19,13 @@ from typing import cast
 
 import numpy as np
 
-from loadtest.completions import MergedWindow, WindowSample
-from loadtest.inputs import Payload
-from loadtest.latency import agree_within
-from loadtest.levels import LoadLevel
-from loadtest.server_stats import ServerCounters, ServerSplit
-from loadtest.target import TargetDriver, TargetSpec
-from loadtest.worker import (
+from inferd.loadtest.completions import MergedWindow, WindowSample
+from inferd.loadtest.inputs import Payload
+from inferd.loadtest.latency import agree_within
+from inferd.loadtest.levels import LoadLevel
+from inferd.loadtest.server_stats import ServerCounters, ServerSplit
+from inferd.loadtest.target import TargetDriver, TargetSpec
+from inferd.loadtest.worker import (
     LevelFinished,
     LevelOrder,
     Shutdown,

@@ -15,14 +15,14 @@ from datetime import UTC, datetime
 
 import numpy as np
 
-from loadtest.completions import MergedWindow
-from loadtest.environment import describe_machine
-from loadtest.inputs import build_payloads, rows_of
-from loadtest.latency import LatencySummary, percentiles
-from loadtest.levels import LoadLevel
-from loadtest.runner import LevelResult, MeasurementPlan, WorkerPool, run_level
-from loadtest.server_stats import ServerSplit
-from loadtest.target import TargetDriver, TargetSpec, open_driver
+from inferd.loadtest.completions import MergedWindow
+from inferd.loadtest.environment import describe_machine
+from inferd.loadtest.inputs import build_payloads, rows_of
+from inferd.loadtest.latency import LatencySummary, percentiles
+from inferd.loadtest.levels import LoadLevel
+from inferd.loadtest.runner import LevelResult, MeasurementPlan, WorkerPool, run_level
+from inferd.loadtest.server_stats import ServerSplit
+from inferd.loadtest.target import TargetDriver, TargetSpec, open_driver
 
 
 @dataclass(frozen=True)

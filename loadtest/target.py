@@ -23,8 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from loadtest.inputs import ModelSignature, Payload
-from loadtest.server_stats import ServerCounters
+from inferd.loadtest.inputs import ModelSignature, Payload
+from inferd.loadtest.server_stats import ServerCounters
 
 TargetKind = Literal["native", "oip", "inprocess"]
 KINDS: tuple[TargetKind, ...] = ("native", "oip", "inprocess")
@@ -162,14 +162,14 @@ class RequestSender(abc.ABC):
 
 def open_driver(spec: TargetSpec) -> TargetDriver:
     if spec.kind == "native":
-        from loadtest.native import NativeDriver
+        from inferd.loadtest.native import NativeDriver
 
         return NativeDriver(spec)
     if spec.kind == "oip":
-        from loadtest.oip import OipDriver
+        from inferd.loadtest.oip import OipDriver
 
         return OipDriver(spec)
-    from loadtest.inprocess import InprocessDriver
+    from inferd.loadtest.inprocess import InprocessDriver
 
     return InprocessDriver(spec)
 
@@ -177,13 +177,13 @@ def open_driver(spec: TargetSpec) -> TargetDriver:
 def open_sender(spec: TargetSpec, payloads: Sequence[Payload], timeout_s: float) -> RequestSender:
     """Build a sender inside a worker's running event loop."""
     if spec.kind == "native":
-        from loadtest.native import NativeSender
+        from inferd.loadtest.native import NativeSender
 
         return NativeSender(spec, payloads, timeout_s)
     if spec.kind == "oip":
-        from loadtest.oip import OipSender
+        from inferd.loadtest.oip import OipSender
 
         return OipSender(spec, payloads, timeout_s)
-    from loadtest.inprocess import InprocessSender
+    from inferd.loadtest.inprocess import InprocessSender
 
     return InprocessSender(spec, payloads)

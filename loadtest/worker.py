@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Literal
 
-from loadtest.arrivals import Arrival, OpenLoopScheduler, arrivals
-from loadtest.completions import CompletionLog
-from loadtest.inputs import Payload
-from loadtest.target import RequestFailed, RequestSender, TargetSpec, open_sender
+from inferd.loadtest.arrivals import Arrival, OpenLoopScheduler, arrivals
+from inferd.loadtest.completions import CompletionLog
+from inferd.loadtest.inputs import Payload
+from inferd.loadtest.target import RequestFailed, RequestSender, TargetSpec, open_sender
 
 
 @dataclass(frozen=True)

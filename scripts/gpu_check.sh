@@ -186,9 +186,9 @@ if missing:
     print("\n".join(missing))
     sys.exit(1)
 import onnxruntime as ort
-import server.app, loadtest.cli, loadtest.gpu_bench  # noqa: E401,F401
-import inferd.v1.predict_pb2, inference.grpc_service_pb2  # noqa: E401,F401  (gen/ on the path)
-from server.core.runtime import cuda_usable
+import inferd.app, inferd.loadtest.cli, inferd.loadtest.gpu_bench  # noqa: E401,F401
+import inferd_wire.proto.inferd.v1.predict_pb2, inference.grpc_service_pb2  # noqa: E401,F401  (gen/ on the path)
+from inferd.core.runtime.session import cuda_usable
 print("python", sys.version.split()[0], "onnxruntime", ort.__version__, ort.__file__)
 print("providers", ort.get_available_providers())
 site = os.environ["GPU_SITE"]
@@ -223,12 +223,12 @@ step gpu_tests 180 python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider -o 
 
 # 5. In-process ceiling (the figures served throughput is judged against).
 if [[ -f $MODELS/resnet50.onnx ]]; then
-    step ceiling_resnet50 120 python3 -m loadtest.gpu_bench ceiling --model "$MODELS/resnet50.onnx" --device $DEVICE \
+    step ceiling_resnet50 120 python3 -m inferd.loadtest.gpu_bench ceiling --model "$MODELS/resnet50.onnx" --device $DEVICE \
         --name resnet50 --batches 1,8,32,128 --threads 4 --thread-batches 32 --graph-batches 1,8 \
         --seconds 1.5 --out "$OUT/ceiling_resnet50.json"
 fi
 if [[ -f $MODELS/bert.onnx ]]; then
-    step ceiling_bert 90 python3 -m loadtest.gpu_bench ceiling --model "$MODELS/bert.onnx" --device $DEVICE \
+    step ceiling_bert 90 python3 -m inferd.loadtest.gpu_bench ceiling --model "$MODELS/bert.onnx" --device $DEVICE \
         --name bert --batches 8,64 --threads 4 --thread-batches 8 --graph-batches "" --seq 128 \
         --seconds 1.5 --out "$OUT/ceiling_bert.json"
 fi
@@ -253,7 +253,7 @@ loadtest() {
     local name=$1 limit=$2; shift 2
     local budget=$(( $(left) - 40 ))
     (( limit > budget )) && limit=$budget
-    step "served_$name" "$limit" python3 -m loadtest --quiet "${PLOTS[@]}" --workers 4 \
+    step "served_$name" "$limit" python3 -m inferd.loadtest --quiet "${PLOTS[@]}" --workers 4 \
         --warmup 1.5 --duration 3 --request-timeout 20 --time-limit $((limit - 10)) \
         --out "$OUT/served/$name" "$@"
 }
@@ -265,21 +265,21 @@ if [[ -d $REPO ]]; then
     PORT=${GPU_CHECK_PORT:-$(free_port)}
     METRICS_PORT=${GPU_CHECK_METRICS_PORT:-$(free_port)}
     log "starting inferd on 127.0.0.1:$PORT"
-    python3 -m server.cli serve --model-repository "$REPO" --host 127.0.0.1 --port "$PORT" \
+    python3 -m inferd.cli serve --model-repository "$REPO" --host 127.0.0.1 --port "$PORT" \
         --metrics-port "$METRICS_PORT" > "$OUT/server.log" 2>&1 &
     server_pid=$!
     ready=0
     for _ in $(seq 1 240); do
         (( $(left) > 60 )) || break
         kill -0 "$server_pid" 2>/dev/null || break
-        if python3 -m server.cli health --url "127.0.0.1:$PORT" --timeout 2 >/dev/null 2>&1; then
+        if python3 -m inferd.cli health --url "127.0.0.1:$PORT" --timeout 2 >/dev/null 2>&1; then
             ready=1; break
         fi
         sleep 0.5
     done
     if (( ready )); then
         log "inferd SERVING after $((SECONDS - started))s"
-        timeout 30 python3 -m server.cli status --url "127.0.0.1:$PORT" > "$OUT/server_status.txt" 2>&1 || true
+        timeout 30 python3 -m inferd.cli status --url "127.0.0.1:$PORT" > "$OUT/server_status.txt" 2>&1 || true
         grep -q '^resnet50 ' "$OUT/server_status.txt" \
             || log "WARNING: 127.0.0.1:$PORT does not list resnet50 (server_status.txt)"
         A=127.0.0.1:$PORT
@@ -312,7 +312,7 @@ for d in resnet50_protocols resnet50_peak resnet50_batch1 bert; do
     model=${d%%_*}
     report_args+=(--served "$model=$OUT/served/$d")
 done
-step report 30 python3 -m loadtest.gpu_bench report "${report_args[@]}" --out "$OUT/summary.md"
+step report 30 python3 -m inferd.loadtest.gpu_bench report "${report_args[@]}" --out "$OUT/summary.md"
 { echo; echo "## Device"; echo; sed 's/^/    /' "$OUT/device.txt"; echo; echo "## Steps"; echo
   sed 's/^/    /' "$OUT/status.txt"; } >> "$OUT/summary.md" 2>/dev/null || true
 

@@ -131,7 +131,7 @@ def main() -> None:
     started = time.perf_counter()
     resnet = models / "resnet50.onnx"
     if args.stand_ins:
-        from server.demo_models import build_cnn, build_text_encoder
+        from inferd.demo_models import build_cnn, build_text_encoder
 
         resnet.write_bytes(build_cnn().SerializeToString())
         (models / "bert.onnx").write_bytes(build_text_encoder().SerializeToString())

@@ -2,7 +2,7 @@
 
 In-process server, one client sending sequentially (concurrency 1), mlp with no delay and
 with the given delay; prints mean latency and the server's mean queue and compute time per
-request (from ModelStatus). Justifies server/core/fine_timer.py:
+request (from ModelStatus). Justifies server/inferd/core/batching/timer.py:
     .venv/bin/python scripts/measure_queue_delay.py --delay-us 200
 """
 
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from client import AsyncInferClient
-from server.app import InferenceServer
-from server.config import ServerConfig
-from server.demo_models import build_mlp, write_model
+from inferd.app import InferenceServer
+from inferd.config import ServerConfig
+from inferd.demo_models import build_mlp, write_model
+from inferd_client import AsyncInferClient
 
 
 async def measure(delay_us: int, requests: int) -> None:

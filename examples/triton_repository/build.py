@@ -13,7 +13,7 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from server.demo_models import build_echo_bytes, build_mlp, build_text_encoder, write_model
+from inferd.demo_models import build_echo_bytes, build_mlp, build_text_encoder, write_model
 
 HERE = Path(__file__).resolve().parent
 CONFIG_FILE = "config.pbtxt"

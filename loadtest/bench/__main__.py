@@ -1,8 +1,8 @@
-"""`python -m loadtest.bench` (what `make bench` runs)."""
+"""`python -m inferd.loadtest.bench` (what `make bench` runs)."""
 
 import sys
 
-from loadtest.bench.suite import main
+from inferd.loadtest.bench.suite import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,9 +6,9 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from loadtest.bench.scenario import ScenarioResult, markdown_table
-from loadtest.environment import describe_machine
-from loadtest.runner import MeasurementPlan
+from inferd.loadtest.bench.scenario import ScenarioResult, markdown_table
+from inferd.loadtest.environment import describe_machine
+from inferd.loadtest.runner import MeasurementPlan
 
 REPRODUCE = """\
 `make bench` runs this whole suite. The harness on its own, against any server on this machine:

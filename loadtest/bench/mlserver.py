@@ -10,10 +10,10 @@ import os
 import shutil
 from pathlib import Path
 
-from loadtest.bench.repository import Batching
-from loadtest.bench.servers import ManagedServer, free_port
-from loadtest.bench.venvs import ensure_venv, onnxruntime_requirement
-from loadtest.inprocess import ORT_DATATYPES, create_session
+from inferd.loadtest.bench.repository import Batching
+from inferd.loadtest.bench.servers import ManagedServer, free_port
+from inferd.loadtest.bench.venvs import ensure_venv, onnxruntime_requirement
+from inferd.loadtest.inprocess import ORT_DATATYPES, create_session
 
 MLSERVER = "mlserver==1.7.1"
 # uvloop 0.22 broke MLServer 1.7.1's inference workers ("There is no current event loop";
@@ -21,7 +21,7 @@ MLSERVER = "mlserver==1.7.1"
 UVLOOP = "uvloop<0.22"
 
 RUNTIME_PY = '''\
-"""MLServer runtime: onnxruntime on one ONNX file (written by loadtest.bench)."""
+"""MLServer runtime: onnxruntime on one ONNX file (written by inferd.loadtest.bench)."""
 
 import onnxruntime as ort
 from mlserver import MLModel

@@ -10,9 +10,9 @@ import subprocess
 from pathlib import Path
 from types import ModuleType
 
-from loadtest.bench.mlserver import MLSERVER, start_mlserver
-from loadtest.bench.repository import batching_of, model_file
-from loadtest.bench.scenario import (
+from inferd.loadtest.bench.mlserver import MLSERVER, start_mlserver
+from inferd.loadtest.bench.repository import batching_of, model_file
+from inferd.loadtest.bench.scenario import (
     BenchContext,
     Scenario,
     ScenarioPending,
@@ -25,12 +25,12 @@ from loadtest.bench.scenario import (
     p99_ms,
     session_tables,
 )
-from loadtest.bench.servers import PROJECT_ROOT, ManagedServer, ServerStartError
-from loadtest.bench.triton import PYTRITON, start_triton, triton_version
-from loadtest.bench.venvs import PeerUnavailable
-from loadtest.levels import closed_levels
-from loadtest.oip import OipDriver, stubs_present
-from loadtest.target import TargetError, TargetSpec
+from inferd.loadtest.bench.servers import PROJECT_ROOT, ManagedServer, ServerStartError
+from inferd.loadtest.bench.triton import PYTRITON, start_triton, triton_version
+from inferd.loadtest.bench.venvs import PeerUnavailable
+from inferd.loadtest.levels import closed_levels
+from inferd.loadtest.oip import OipDriver, stubs_present
+from inferd.loadtest.target import TargetError, TargetSpec
 
 PERF_ANALYZER_SCRIPT = PROJECT_ROOT / "scripts" / "perf_analyzer.py"
 
@@ -38,7 +38,9 @@ PERF_ANALYZER_SCRIPT = PROJECT_ROOT / "scripts" / "perf_analyzer.py"
 def inferd_oip_target(ctx: BenchContext, model: str) -> TargetSpec:
     """inferd through its OIP frontend; ScenarioPending saying why when it cannot be."""
     if not stubs_present():
-        raise ScenarioPending("OIP frontend not present: `from inference import grpc_service_pb2`")
+        raise ScenarioPending(
+            "OIP frontend not present: `from inferd_wire.proto.inference import grpc_service_pb2`"
+        )
     spec = TargetSpec("oip", ctx.inferd.address, model, label="inferd")
     driver = OipDriver(spec)
     try:

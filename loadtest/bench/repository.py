@@ -15,8 +15,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from server.core.model_config import load_model_config
-from server.demo_models import (
+from inferd.core.models.config import load_model_config
+from inferd.demo_models import (
     BATCH_DIM,
     IR_VERSION,
     MLP_CONFIG,

@@ -12,14 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from loadtest.bench.servers import ManagedServer
-from loadtest.latency import LatencySummary
-from loadtest.levels import LoadLevel
-from loadtest.plots import write_plots
-from loadtest.report import ratios, table_rows, write_json
-from loadtest.runner import MeasurementPlan
-from loadtest.session import SessionReport, Workload, run_session
-from loadtest.target import TargetSpec
+from inferd.loadtest.bench.servers import ManagedServer
+from inferd.loadtest.latency import LatencySummary
+from inferd.loadtest.levels import LoadLevel
+from inferd.loadtest.plots import write_plots
+from inferd.loadtest.report import ratios, table_rows, write_json
+from inferd.loadtest.runner import MeasurementPlan
+from inferd.loadtest.session import SessionReport, Workload, run_session
+from inferd.loadtest.target import TargetSpec
 
 SCENARIO_DIR = Path(__file__).resolve().parents[1] / "scenarios"
 

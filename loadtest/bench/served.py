@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from loadtest.bench.scenario import (
+from inferd.loadtest.bench.scenario import (
     BenchContext,
     Scenario,
     ScenarioPending,
@@ -18,12 +18,12 @@ from loadtest.bench.scenario import (
     p99_ms,
     session_tables,
 )
-from loadtest.inputs import parse_shapes
-from loadtest.levels import LoadLevel, closed_levels
-from loadtest.oip import OipDriver, stubs_present
-from loadtest.runner import LevelResult
-from loadtest.session import Workload
-from loadtest.target import TargetError, TargetSpec
+from inferd.loadtest.inputs import parse_shapes
+from inferd.loadtest.levels import LoadLevel, closed_levels
+from inferd.loadtest.oip import OipDriver, stubs_present
+from inferd.loadtest.runner import LevelResult
+from inferd.loadtest.session import Workload
+from inferd.loadtest.target import TargetError, TargetSpec
 
 
 def _levels(values: list[int]) -> list[LoadLevel]:
@@ -266,7 +266,9 @@ def added_latency(ctx: BenchContext, scenario: Scenario) -> ScenarioResult:
 def native_vs_oip(ctx: BenchContext, scenario: Scenario) -> ScenarioResult:
     model = scenario.params["model"]
     if not stubs_present():
-        raise ScenarioPending("OIP frontend not present: `from inference import grpc_service_pb2`")
+        raise ScenarioPending(
+            "OIP frontend not present: `from inferd_wire.proto.inference import grpc_service_pb2`"
+        )
     oip = TargetSpec("oip", ctx.inferd.address, model, label=f"oip/{model}")
     driver = OipDriver(oip)
     try:

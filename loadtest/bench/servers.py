@@ -108,7 +108,7 @@ class ManagedServer:
 def start_inferd(
     repository: Path, workdir: Path, env: Mapping[str, str] | None = None
 ) -> ManagedServer:
-    """`python -m server.cli serve` on a free port (metrics off); ready at its log line."""
+    """`python -m inferd.cli serve` on a free port (metrics off); ready at its log line."""
     server_env = {k: v for k, v in os.environ.items() if not k.startswith("INFERD_")}
     server_env["PYTHONUNBUFFERED"] = "1"
     server_env.update(env or {})
@@ -117,7 +117,7 @@ def start_inferd(
         [
             sys.executable,
             "-m",
-            "server.cli",
+            "inferd.cli",
             "serve",
             "--model-repository",
             str(repository),

@@ -1,4 +1,5 @@
-"""`make bench` (`python -m loadtest.bench`): build the bench repository, start inferd (and the
+"""`make bench` (`python -m inferd.loadtest.bench`): build the bench repository, start inferd
+(and the
 peers a scenario needs) on free loopback ports, run every scenario, write docs/benchmarks.md.
 
 A scenario that cannot run is reported as pending or failed with the exact reason, and the
@@ -17,17 +18,17 @@ from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
-from loadtest.bench import peers, served
-from loadtest.bench.document import write_document
-from loadtest.bench.repository import build_bench_repository
-from loadtest.bench.scenario import (
+from inferd.loadtest.bench import peers, served
+from inferd.loadtest.bench.document import write_document
+from inferd.loadtest.bench.repository import build_bench_repository
+from inferd.loadtest.bench.scenario import (
     BenchContext,
     Scenario,
     ScenarioPending,
     ScenarioResult,
     load_scenarios,
 )
-from loadtest.bench.servers import PROJECT_ROOT, ServerStartError, start_inferd
+from inferd.loadtest.bench.servers import PROJECT_ROOT, ServerStartError, start_inferd
 
 RUNNERS: dict[str, Callable[[BenchContext, Scenario], ScenarioResult]] = {
     "batching_gain": served.batching_gain,
@@ -66,7 +67,7 @@ def run_scenario(ctx: BenchContext, scenario: Scenario) -> ScenarioResult:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtest.bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m inferd.loadtest.bench", description=__doc__)
     parser.add_argument("--only", help="scenario ids to run, e.g. 1,3 (default: all)")
     parser.add_argument("--document", type=Path, default=PROJECT_ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -133,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         plan,
         workers,
         time.monotonic() - began,
-        "make bench" if not args.only else f"python -m loadtest.bench --only {args.only}",
+        "make bench" if not args.only else f"python -m inferd.loadtest.bench --only {args.only}",
         KNOWN_GAPS,
     )
     print(f"bench: wrote {document} (reports in {ctx.results})")

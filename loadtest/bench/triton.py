@@ -13,15 +13,15 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from loadtest.bench.repository import Batching
-from loadtest.bench.servers import ManagedServer, free_port
-from loadtest.bench.venvs import (
+from inferd.loadtest.bench.repository import Batching
+from inferd.loadtest.bench.servers import ManagedServer, free_port
+from inferd.loadtest.bench.venvs import (
     PeerUnavailable,
     ensure_venv,
     onnxruntime_requirement,
     venv_python_value,
 )
-from loadtest.inprocess import create_session
+from inferd.loadtest.inprocess import create_session
 
 PYTRITON = "nvidia-pytriton==0.7.0"
 TRITON_TYPES = {
@@ -37,7 +37,8 @@ TRITON_TYPES = {
 }
 
 MODEL_PY = '''\
-"""Triton Python backend: one onnxruntime run per dynamic batch (written by loadtest.bench)."""
+"""Triton Python backend: one onnxruntime run per dynamic batch (written by
+inferd.loadtest.bench)."""
 
 import os
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from server.core.runtime import cuda_usable
-from server.demo_models import build_cnn, build_mlp, write_model
+from inferd.core.runtime.session import cuda_usable
+from inferd.demo_models import build_cnn, build_mlp, write_model
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.core.batcher import BatchingPolicy, BatchRun
-from server.core.cuda_execution import BindingSlot
-from server.core.cuda_graphs import GraphSlot
-from server.core.model_config import ModelConfig, ModelDefaults
-from server.core.registry import ModelRegistry, onnxruntime_session
-from server.core.runtime import OnnxRuntimeSession, resolve_providers
-from server.core.types import Array, InferRequest, InferResult
+from inferd.core.batching.batcher import BatchingPolicy, BatchRun
+from inferd.core.models.config import ModelConfig, ModelDefaults
+from inferd.core.models.registry import ModelRegistry, onnxruntime_session
+from inferd.core.runtime.cuda_graphs import GraphSlot
+from inferd.core.runtime.session import OnnxRuntimeSession, resolve_providers
+from inferd.core.runtime.slots import BindingSlot
+from inferd.core.types import Array, InferRequest, InferResult
 
 pytestmark = pytest.mark.gpu
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from integration_support import SUMMARY_KEY, ServerFactory, ServerProcess
 
-from client import InferClient
-from server.demo_models import build_demo_repository
+from inferd.demo_models import build_demo_repository
+from inferd_client import InferClient
 
 # --- fixtures ---------------------------------------------------------------------------------
 

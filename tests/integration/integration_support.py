@@ -1,7 +1,7 @@
 """Helpers shared by the integration tests: `inferd serve` subprocesses, demo inputs, and
 in-process ONNX Runtime as the reference for served outputs.
 
-A server subprocess is `python -m server.cli serve --model-repository DIR --port 0
+A server subprocess is `python -m inferd.cli serve --model-repository DIR --port 0
 --metrics-port 0`; its ports come from the log line "inferd serving N model(s) on
 127.0.0.1:PORT (metrics on port M)", and it counts as up once grpc.health.v1 says SERVING.
 """
@@ -25,8 +25,8 @@ import onnxruntime as ort
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client.wire import to_wire
-from inferd.v1 import predict_pb2, tensor_pb2
+from inferd_wire.codec import to_wire
+from inferd_wire.proto.inferd.v1 import predict_pb2, tensor_pb2
 
 STARTUP_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
@@ -122,12 +122,12 @@ def launch_server(
     env: Mapping[str, str] | None = None,
     extra_args: tuple[str, ...] = (),
 ) -> ServerProcess:
-    """Start `python -m server.cli serve` on free ports; return once health says SERVING."""
+    """Start `python -m inferd.cli serve` on free ports; return once health says SERVING."""
     log_file = open(log_path, "wb")
     command = [
         sys.executable,
         "-m",
-        "server.cli",
+        "inferd.cli",
         "serve",
         "--model-repository",
         str(repository),

@@ -25,7 +25,7 @@ from integration_support import (
     reference_outputs,
 )
 
-from client import AsyncInferClient
+from inferd_client import AsyncInferClient
 
 CLIENTS = 64
 REQUESTS_PER_CLIENT = 30

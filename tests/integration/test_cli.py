@@ -1,4 +1,4 @@
-"""The `inferd` command line against a real server: `python -m server.cli` subprocesses."""
+"""The `inferd` command line against a real server: `python -m inferd.cli` subprocesses."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ TIMEOUT = 60.0
 
 def inferd(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "server.cli", *args],
+        [sys.executable, "-m", "inferd.cli", *args],
         capture_output=True,
         text=True,
         timeout=TIMEOUT,

@@ -14,8 +14,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from integration_support import ServerProcess, mlp_input
 
-from client import InferClient, ModelNotFoundError
-from inferd.v1 import model_status_pb2, model_status_pb2_grpc
+from inferd_client import InferClient, ModelNotFoundError
+from inferd_wire.proto.inferd.v1 import model_status_pb2, model_status_pb2_grpc
 
 WAIT = 30.0
 DEMO_MODELS = ["cnn", "echo_bytes", "mlp", "text_encoder"]

@@ -29,9 +29,9 @@ from integration_support import (
     text_input,
 )
 
-from client import AsyncInferClient, InferClient, InferError
-from inferd.v1 import predict_pb2, predict_pb2_grpc
-from server.demo_models import build_text_encoder, write_model
+from inferd.demo_models import build_text_encoder, write_model
+from inferd_client import AsyncInferClient, InferClient, InferError
+from inferd_wire.proto.inferd.v1 import predict_pb2, predict_pb2_grpc
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 NOT_FOUND = grpc.StatusCode.NOT_FOUND

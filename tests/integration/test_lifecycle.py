@@ -43,9 +43,11 @@ from integration_support import (
 )
 from onnx import TensorProto, helper, numpy_helper
 
-from client import AsyncInferClient, InferError
-from client.wire import from_wire, to_wire
-from inferd.v1 import (
+from inferd.core.models.control import READY_MARKER
+from inferd.demo_models import CNN_CONFIG, IR_VERSION, OPSET, build_cnn, write_model
+from inferd_client import AsyncInferClient, InferError
+from inferd_wire.codec import from_wire, to_wire
+from inferd_wire.proto.inferd.v1 import (
     model_repository_pb2,
     model_repository_pb2_grpc,
     model_status_pb2,
@@ -54,8 +56,6 @@ from inferd.v1 import (
     predict_pb2_grpc,
     tensor_pb2,
 )
-from server.core.model_control import READY_MARKER
-from server.demo_models import CNN_CONFIG, IR_VERSION, OPSET, build_cnn, write_model
 
 TOKEN = "lifecycle-test-token"
 POLL_S = 0.2
@@ -272,7 +272,7 @@ def metric_value(server: ServerProcess, name: str, labels: dict[str, str]) -> fl
 
 def inferd_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "server.cli", *args],
+        [sys.executable, "-m", "inferd.cli", *args],
         capture_output=True,
         text=True,
         timeout=60,

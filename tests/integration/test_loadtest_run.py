@@ -1,4 +1,5 @@
-"""A short, real load test: `python -m loadtest` against an inferd server subprocess on the demo
+"""A short, real load test: `python -m inferd.loadtest` against an inferd server subprocess on
+the demo
 models, closed and open loop, produces a complete report with no errors, and its server-side
 split matches what the server counted."""
 
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 from integration_support import PROJECT_ROOT, ServerProcess
 
-from loadtest.oip import stubs_present
+from inferd.loadtest.oip import stubs_present
 
 # Each level: 0.5 s warm-up, then exactly 1.5 s measured (3 windows of 0.5 s).
 FAST = ["--warmup", "0.5", "--window", "0.5", "--duration", "1.5", "--quiet", "--workers", "2"]

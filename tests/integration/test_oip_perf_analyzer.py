@@ -19,7 +19,7 @@ from types import ModuleType
 import pytest
 from integration_support import ServerFactory, ServerProcess, add_summary_line
 
-from server.demo_models import MLP_CONFIG, build_mlp, write_model
+from inferd.demo_models import MLP_CONFIG, build_mlp, write_model
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "perf_analyzer.py"
 # Two concurrency levels, each at most 6 windows of 1.5 s: ~10 s of load. A 100% stability

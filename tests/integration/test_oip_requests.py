@@ -23,7 +23,7 @@ from integration_support import (
 )
 from test_oip_tritonclient import TritonClientProcess, triton_raw_infer
 
-from inferd.v1 import predict_pb2_grpc
+from inferd_wire.proto.inferd.v1 import predict_pb2_grpc
 
 # The tritonclient process and the served repository, shared with test_oip_tritonclient.
 triton = test_oip_tritonclient.triton

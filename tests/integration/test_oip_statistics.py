@@ -13,7 +13,7 @@ import test_oip_tritonclient
 from integration_support import ServerFactory, ServerProcess
 from test_oip_tritonclient import TritonClientProcess, _error, triton_infer, triton_json
 
-from server.demo_models import build_mlp, write_model
+from inferd.demo_models import build_mlp, write_model
 
 triton = test_oip_tritonclient.triton
 

@@ -23,7 +23,7 @@ from integration_support import (
 )
 from test_oip_tritonclient import TritonClientProcess, triton_infer, triton_json
 
-from server.demo_models import build_mlp, write_model
+from inferd.demo_models import build_mlp, write_model
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "triton_repository"
 

@@ -35,7 +35,7 @@ from integration_support import (
 )
 from onnx import TensorProto, helper
 
-from server.demo_models import IR_VERSION, OPSET, build_demo_repository, build_mlp, write_model
+from inferd.demo_models import IR_VERSION, OPSET, build_demo_repository, build_mlp, write_model
 
 T = TypeVar("T")
 CLIENT_TIMEOUT = 60.0
@@ -324,7 +324,7 @@ def test_protos_match_tritonclients_definitions_field_for_field(ours: str, their
     from google.protobuf import descriptor_pb2
 
     mine = descriptor_pb2.FileDescriptorProto()
-    importlib.import_module(f"inference.{ours}").DESCRIPTOR.CopyToProto(mine)
+    importlib.import_module(f"inferd_wire.proto.inference.{ours}").DESCRIPTOR.CopyToProto(mine)
     ours_defs, theirs_defs = _definitions(mine), _definitions(_tritonclient_file_descriptor(theirs))
     assert mine.package == "inference"
     for name, fields in theirs_defs.items():

@@ -34,8 +34,8 @@ from integration_support import (
 )
 from onnx import TensorProto, helper
 
-from client import AsyncInferClient, InferClient, InvalidInputError
-from server.demo_models import write_model
+from inferd.demo_models import write_model
+from inferd_client import AsyncInferClient, InferClient, InvalidInputError
 
 
 @pytest.mark.parametrize("rows", [1, 3])

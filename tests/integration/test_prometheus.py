@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from integration_support import PROJECT_ROOT, ServerFactory, add_summary_line, free_port, mlp_input
 
-from client import InferClient, InferError
+from inferd_client import InferClient, InferError
 
 ALERTS = PROJECT_ROOT / "deploy" / "prometheus" / "alerts.yml"
 INSTALL_HINT = "run scripts/install_test_deps.sh (Debian: apt-get install prometheus)"

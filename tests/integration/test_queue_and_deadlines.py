@@ -35,9 +35,9 @@ from integration_support import (
     reference_outputs,
 )
 
-from client import AsyncInferClient, DeadlineExceededError, InferError, ServerBusyError
-from inferd.v1 import predict_pb2_grpc
-from server.demo_models import build_cnn, write_model
+from inferd.demo_models import build_cnn, write_model
+from inferd_client import AsyncInferClient, DeadlineExceededError, InferError, ServerBusyError
+from inferd_wire.proto.inferd.v1 import predict_pb2_grpc
 
 FLOOD = 40
 FLOOD_ROWS = 8

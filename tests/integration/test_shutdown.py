@@ -28,8 +28,8 @@ from integration_support import (
     predict_request,
 )
 
-from client import AsyncInferClient, InferError
-from inferd.v1 import model_status_pb2, model_status_pb2_grpc, predict_pb2_grpc
+from inferd_client import AsyncInferClient, InferError
+from inferd_wire.proto.inferd.v1 import model_status_pb2, model_status_pb2_grpc, predict_pb2_grpc
 
 OK = grpc.StatusCode.OK
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE

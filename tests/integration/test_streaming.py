@@ -25,9 +25,9 @@ from integration_support import (
     text_input,
 )
 
-from client import AsyncInferClient, InferClient, StreamRequest
-from client.wire import from_wire
-from inferd.v1 import predict_pb2, predict_pb2_grpc
+from inferd_client import AsyncInferClient, InferClient, StreamRequest
+from inferd_wire.codec import from_wire
+from inferd_wire.proto.inferd.v1 import predict_pb2, predict_pb2_grpc
 
 OK = grpc.StatusCode.OK
 NOT_FOUND = grpc.StatusCode.NOT_FOUND

@@ -19,8 +19,8 @@ from typing import Any, TypeVar
 import numpy as np
 import pytest
 
-from server.core.batcher import Batcher, BatchingPolicy, BatchRun
-from server.core.errors import (
+from inferd.core.batching.batcher import Batcher, BatchingPolicy, BatchRun
+from inferd.core.errors import (
     DeadlineExceeded,
     InferdError,
     InferenceFailed,
@@ -28,9 +28,9 @@ from server.core.errors import (
     QueueFull,
     Unavailable,
 )
-from server.core.observer import MultiObserver, Observer, RejectReason
-from server.core.statistics import StatisticsRecorder, VersionStatistics
-from server.core.types import Array, InferRequest, InferResult
+from inferd.core.observer import MultiObserver, Observer, RejectReason
+from inferd.core.statistics import StatisticsRecorder, VersionStatistics
+from inferd.core.types import Array, InferRequest, InferResult
 
 pytestmark = pytest.mark.looptime
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.core.buckets import bucket_for, default_buckets, pad_rows, resolve_buckets
-from server.core.errors import InvalidInput
-from server.core.model_config import ModelConfig, load_model_config
+from inferd.core.errors import InvalidInput
+from inferd.core.models.config import ModelConfig, load_model_config
+from inferd.core.runtime.buckets import bucket_for, default_buckets, pad_rows, resolve_buckets
 
 
 @pytest.mark.parametrize(

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from google.protobuf import timestamp_pb2
 
-from client import _convert
-from client._common import StreamBook, channel_options
-from client._health import decode_health_response, encode_health_request
-from client.errors import (
+from inferd_client import _convert
+from inferd_client._common import StreamBook, channel_options
+from inferd_client._health import decode_health_response, encode_health_request
+from inferd_client.errors import (
     DeadlineExceededError,
     InferError,
     InvalidInputError,
@@ -24,8 +24,8 @@ from client.errors import (
     UnavailableError,
     error_from_status,
 )
-from client.types import StreamRequest
-from inferd.v1 import model_status_pb2, predict_pb2, tensor_pb2
+from inferd_client.types import StreamRequest
+from inferd_wire.proto.inferd.v1 import model_status_pb2, predict_pb2, tensor_pb2
 
 # --- health codec ----------------------------------------------------------------------------
 
@@ -255,8 +255,8 @@ def test_stream_book_matches_ids_in_order() -> None:
 _IMPORT_CHECK = """
 import sys
 sys.modules["opentelemetry"] = None  # as if it were not installed
-import client
-from client._tracing import trace_metadata
+import inferd_client
+from inferd_client._tracing import trace_metadata
 assert trace_metadata() is None
 # (grpc itself imports grpc_health and grpc_reflection when they are installed.)
 heavy = ("server", "onnxruntime", "pydantic", "prometheus_client", "opentelemetry")

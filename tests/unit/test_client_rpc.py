@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from google.protobuf import timestamp_pb2
 
-from client import (
+from inferd_client import (
     AsyncInferClient,
     DeadlineExceededError,
     InferClient,
@@ -33,7 +33,7 @@ from client import (
     UnauthenticatedError,
     UnavailableError,
 )
-from inferd.v1 import (
+from inferd_wire.proto.inferd.v1 import (
     model_status_pb2,
     model_status_pb2_grpc,
     predict_pb2,

@@ -10,8 +10,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from server import demo_models
-from server.demo_models import (
+from inferd import demo_models
+from inferd.demo_models import (
     build_cnn,
     build_demo_repository,
     build_echo_bytes,

@@ -21,13 +21,13 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 
-from client import AsyncInferClient
-from server.app import InferenceServer
-from server.config import ServerConfig
-from server.core.observer import RejectReason
-from server.core.types import ModelState
-from server.demo_models import MLP_CONFIG, build_mlp, write_model
-from server.observability.gpu import GpuCollector
+from inferd.app import InferenceServer
+from inferd.config import ServerConfig
+from inferd.core.observer import RejectReason
+from inferd.core.types import ModelState
+from inferd.demo_models import MLP_CONFIG, build_mlp, write_model
+from inferd.observability.gpu import GpuCollector
+from inferd_client import AsyncInferClient
 
 ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"

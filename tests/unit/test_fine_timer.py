@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from server.core.fine_timer import FINE_BELOW, wait_until
+from inferd.core.batching.timer import FINE_BELOW, wait_until
 
 
 @pytest.mark.parametrize("wait", [FINE_BELOW / 8, FINE_BELOW * 4])

@@ -1,4 +1,5 @@
-"""The committed gen/ must be exactly what protos/ generates: a stale stub fails here."""
+"""The committed client/inferd_wire/proto/ must be exactly what protos/ generates: a stale stub
+fails here."""
 
 from __future__ import annotations
 
@@ -30,7 +31,11 @@ def _tree(root: Path) -> dict[str, bytes]:
 
 def test_generated_code_matches_protos(tmp_path: Path) -> None:
     _load_generator().generate(tmp_path)
-    fresh, committed = _tree(tmp_path), _tree(ROOT / "gen")
-    assert sorted(fresh) == sorted(committed), "gen/ has missing or extra files: run `make gen`"
+    fresh, committed = _tree(tmp_path), _tree(ROOT / "client" / "inferd_wire" / "proto")
+    assert sorted(fresh) == sorted(committed), (
+        "client/inferd_wire/proto/ has missing or extra files: run `make gen`"
+    )
     stale = [name for name in fresh if fresh[name] != committed[name]]
-    assert not stale, f"gen/ is stale against protos/ for {stale}: run `make gen`"
+    assert not stale, (
+        f"client/inferd_wire/proto/ is stale against protos/ for {stale}: run `make gen`"
+    )

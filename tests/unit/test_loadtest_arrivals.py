@@ -9,9 +9,14 @@ import itertools
 import numpy as np
 import pytest
 
-from loadtest.arrivals import OpenLoopScheduler, arrivals, constant_arrivals, poisson_arrivals
-from loadtest.levels import closed_levels, open_levels
-from loadtest.runner import MeasurementPlan, WorkerPool
+from inferd.loadtest.arrivals import (
+    OpenLoopScheduler,
+    arrivals,
+    constant_arrivals,
+    poisson_arrivals,
+)
+from inferd.loadtest.levels import closed_levels, open_levels
+from inferd.loadtest.runner import MeasurementPlan, WorkerPool
 
 # 1/64 s: exact as a float and as looptime's whole microseconds... to within its rounding.
 GAP = 1 / 64

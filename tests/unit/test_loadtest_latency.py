@@ -9,8 +9,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from loadtest.completions import CompletionLog, MergedWindow, WindowSample
-from loadtest.latency import (
+from inferd.loadtest.completions import CompletionLog, MergedWindow, WindowSample
+from inferd.loadtest.latency import (
     PERCENTILES,
     LatencySummary,
     agree_within,
@@ -18,7 +18,7 @@ from loadtest.latency import (
     merge_samples,
     percentiles,
 )
-from loadtest.server_stats import ServerCounters, ServerSplit
+from inferd.loadtest.server_stats import ServerCounters, ServerSplit
 
 
 def test_percentiles_of_one_to_a_thousand_are_the_nearest_ranks() -> None:

@@ -6,8 +6,8 @@ from collections import Counter
 
 import numpy as np
 
-from loadtest.completions import MergedWindow
-from loadtest.runner import MeasurementPlan, measured_yet
+from inferd.loadtest.completions import MergedWindow
+from inferd.loadtest.runner import MeasurementPlan, measured_yet
 
 
 def window(

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loadtest.inputs import (
+from inferd.loadtest.inputs import (
     InputError,
     ModelSignature,
     TensorSpec,
@@ -16,7 +16,7 @@ from loadtest.inputs import (
     parse_shapes,
     rows_of,
 )
-from loadtest.target import TargetError, parse_target, require_loopback
+from inferd.loadtest.target import TargetError, parse_target, require_loopback
 
 MLP = ModelSignature("mlp", (TensorSpec("input", "FP32", (-1, 64)),), batched=True)
 TEXT = ModelSignature(

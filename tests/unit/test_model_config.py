@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from server.core.errors import InvalidInput
-from server.core.model_config import ModelConfig, ModelDefaults, VersionPolicy, load_model_config
-from server.core.repository import validate_model_name
-from server.core.signature import GraphTensor, derive_signature, graph_batches
-from server.core.types import TensorSpec
+from inferd.core.errors import InvalidInput
+from inferd.core.models.config import ModelConfig, ModelDefaults, VersionPolicy, load_model_config
+from inferd.core.models.repository import validate_model_name
+from inferd.core.models.signature import GraphTensor, derive_signature, graph_batches
+from inferd.core.types import TensorSpec
 
 
 def write_config(tmp_path: Path, text: str) -> Path:
@@ -70,7 +70,7 @@ def test_valid_config_sets_every_field(tmp_path: Path) -> None:
 
 
 def test_demo_mlp_config_is_valid(tmp_path: Path) -> None:
-    from server.demo_models import CNN_CONFIG, MLP_CONFIG
+    from inferd.demo_models import CNN_CONFIG, MLP_CONFIG
 
     assert load_model_config(write_config(tmp_path, MLP_CONFIG)).max_batch_size == 64
     assert load_model_config(write_config(tmp_path, CNN_CONFIG)).max_queue_delay_us == 1000

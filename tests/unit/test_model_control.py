@@ -21,20 +21,20 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from pydantic import ValidationError
 
-from server.config import ServerConfig
-from server.core.batcher import BatchRun
-from server.core.errors import FailedPrecondition, InvalidInput, ModelNotFound
-from server.core.model_config import ModelConfig, ModelDefaults
-from server.core.model_control import (
+from inferd.config import ServerConfig
+from inferd.core.batching.batcher import BatchRun
+from inferd.core.errors import FailedPrecondition, InvalidInput, ModelNotFound
+from inferd.core.models.config import ModelConfig, ModelDefaults
+from inferd.core.models.control import (
     READY_MARKER,
     ControlMode,
     ModelController,
     fingerprint,
 )
-from server.core.registry import ModelRegistry, ModelSession, onnxruntime_session
-from server.core.repository import ModelRepository
-from server.core.types import InferRequest, ModelState
-from server.demo_models import IR_VERSION, OPSET, write_model
+from inferd.core.models.registry import ModelRegistry, ModelSession, onnxruntime_session
+from inferd.core.models.repository import ModelRepository
+from inferd.core.types import InferRequest, ModelState
+from inferd.demo_models import IR_VERSION, OPSET, write_model
 
 # Real threads run here (ORT sessions, file I/O): bound every wait in real seconds.
 WAIT = 30.0

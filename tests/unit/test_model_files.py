@@ -2,8 +2,8 @@
 publishes a model file into a repository (next version number, `.ready` marker, atomic rename,
 refusals, nothing left behind on failure).
 
-The commands run in-process through `server.cli.main`, so each takes milliseconds; one test
-runs the real `python -m server.cli` entry point.
+The commands run in-process through `inferd.cli.main`, so each takes milliseconds; one test
+runs the real `python -m inferd.cli` entry point.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from server import model_files
-from server.cli import main
-from server.core.model_control import READY_MARKER
-from server.demo_models import (
+from inferd import model_files
+from inferd.cli import main
+from inferd.core.models.control import READY_MARKER
+from inferd.demo_models import (
     IR_VERSION,
     MLP_CONFIG,
     OPSET,
@@ -158,7 +158,7 @@ def test_validate_of_a_broken_file_fails_nonzero_with_the_reason(
 def test_validate_through_the_installed_entry_point(mlp_file: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("INFERD_")}
     ok = subprocess.run(
-        [sys.executable, "-m", "server.cli", "models", "validate", str(mlp_file)],
+        [sys.executable, "-m", "inferd.cli", "models", "validate", str(mlp_file)],
         capture_output=True,
         text=True,
         timeout=60,

@@ -27,15 +27,15 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import CollectorRegistry
 
-from client import AsyncInferClient, InferError, StreamRequest
-from server.app import InferenceServer
-from server.config import ServerConfig
-from server.core.model_config import ModelConfig, ModelDefaults
-from server.core.registry import ModelSession, onnxruntime_session
-from server.core.types import ModelState
-from server.demo_models import MLP_CONFIG, build_cnn, build_demo_repository, build_mlp, write_model
-from server.observability.gpu import GpuCollector
-from server.observability.logging import ACCESS_LOGGER, TraceIdFilter, configure_logging
+from inferd.app import InferenceServer
+from inferd.config import ServerConfig
+from inferd.core.models.config import ModelConfig, ModelDefaults
+from inferd.core.models.registry import ModelSession, onnxruntime_session
+from inferd.core.types import ModelState
+from inferd.demo_models import MLP_CONFIG, build_cnn, build_demo_repository, build_mlp, write_model
+from inferd.observability.gpu import GpuCollector
+from inferd.observability.logging import ACCESS_LOGGER, TraceIdFilter, configure_logging
+from inferd_client import AsyncInferClient, InferError, StreamRequest
 
 PREDICT_SPAN = "/inferd.v1.Predict/Predict"
 # A CNN that can hold one request in its queue and runs one row at a time: easy to flood.

@@ -16,20 +16,20 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from server.core.errors import InvalidInput, ModelNotFound, Unavailable
-from server.core.model_config import ModelConfig, ModelDefaults
-from server.core.model_control import ModelController
-from server.core.observer import Observer
-from server.core.registry import (
+from inferd.core.errors import InvalidInput, ModelNotFound, Unavailable
+from inferd.core.models.config import ModelConfig, ModelDefaults
+from inferd.core.models.control import ModelController
+from inferd.core.models.registry import (
     ModelRegistry,
     ModelSession,
     ModelStatusEvent,
     ModelVersion,
     onnxruntime_session,
 )
-from server.core.repository import ModelRepository
-from server.core.types import InferRequest, ModelState, TensorSpec
-from server.demo_models import IR_VERSION, MLP_CONFIG, build_echo_bytes, build_mlp, write_model
+from inferd.core.models.repository import ModelRepository
+from inferd.core.observer import Observer
+from inferd.core.types import InferRequest, ModelState, TensorSpec
+from inferd.demo_models import IR_VERSION, MLP_CONFIG, build_echo_bytes, build_mlp, write_model
 
 # Real threads run here (session loading, ORT): bound every wait in real seconds.
 WAIT = 30.0

@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.core.batcher import BatchingPolicy
-from server.core.cuda_execution import BindingSlot, PlainSlot
-from server.core.model_config import ModelConfig, ModelDefaults
-from server.core.registry import ModelRegistry, onnxruntime_session
-from server.core.runtime import OnnxRuntimeSession, resolve_providers
-from server.core.types import Array, InferRequest
-from server.demo_models import (
+from inferd.core.batching.batcher import BatchingPolicy
+from inferd.core.models.config import ModelConfig, ModelDefaults
+from inferd.core.models.registry import ModelRegistry, onnxruntime_session
+from inferd.core.runtime.session import OnnxRuntimeSession, resolve_providers
+from inferd.core.runtime.slots import BindingSlot, PlainSlot
+from inferd.core.types import Array, InferRequest
+from inferd.demo_models import (
     build_cnn,
     build_echo_bytes,
     build_mlp,

@@ -15,11 +15,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from server.core import cuda_graphs, cuda_memory
-from server.core.cuda_graphs import CaptureGate, GraphSlot
-from server.core.cuda_memory import HostStaging, StagingBuffer
-from server.core.types import Array
-from server.demo_models import build_mlp, write_model
+from inferd.core.runtime import cuda_graphs
+from inferd.core.runtime import staging as staging_module
+from inferd.core.runtime.cuda_graphs import CaptureGate, GraphSlot
+from inferd.core.runtime.staging import HostStaging, StagingBuffer
+from inferd.core.types import Array
+from inferd.demo_models import build_mlp, write_model
 
 WAIT = 30.0
 
@@ -202,8 +203,8 @@ def test_staging_grows_for_a_larger_batch() -> None:
 def test_staging_stays_pageable_where_cuda_cannot_pin(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(cuda_memory, "_cudart", lambda: None)
-    cuda_memory._log_unpinned_once.cache_clear()
+    monkeypatch.setattr(staging_module, "_cudart", lambda: None)
+    staging_module._log_unpinned_once.cache_clear()
     staging = HostStaging(pinned=True)
     out = staging.concatenate("x", [np.ones((2, 3), dtype=np.float32)], 4)
     assert out[:2].all() and not out[2:].any()
@@ -230,7 +231,7 @@ def test_staging_pins_each_buffer_and_unpins_what_it_replaces(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     fake = FakeCudart()
-    monkeypatch.setattr(cuda_memory, "_cudart", lambda: fake)
+    monkeypatch.setattr(staging_module, "_cudart", lambda: fake)
     buffer = StagingBuffer(pinned=True)
     buffer.view((4,), np.dtype(np.float32))
     assert buffer.pinned and list(fake.registered.values()) == [16]
@@ -241,7 +242,7 @@ def test_staging_pins_each_buffer_and_unpins_what_it_replaces(
 
 
 def test_failed_registration_leaves_the_buffer_usable(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cuda_memory, "_cudart", lambda: FakeCudart(status=2))
+    monkeypatch.setattr(staging_module, "_cudart", lambda: FakeCudart(status=2))
     buffer = StagingBuffer(pinned=True)
     view = buffer.view((4,), np.dtype(np.float32))
     view[:] = 1

@@ -15,19 +15,19 @@ from typing import Any
 import onnxruntime as ort
 import pytest
 
-from server.core import runtime
-from server.core.cuda_providers import (
+from inferd.core.errors import InvalidInput
+from inferd.core.models.config import ModelConfig, ModelDefaults
+from inferd.core.models.registry import onnxruntime_session
+from inferd.core.runtime import session
+from inferd.core.runtime.providers import (
     cuda_options,
     device_id,
     tensorrt_options,
     tensorrt_profile,
 )
-from server.core.errors import InvalidInput
-from server.core.model_config import ModelConfig, ModelDefaults
-from server.core.registry import onnxruntime_session
-from server.core.runtime import OnnxRuntimeSession, cuda_usable, resolve_providers
-from server.core.types import TensorSpec
-from server.demo_models import build_cnn, build_mlp, build_text_encoder, write_model
+from inferd.core.runtime.session import OnnxRuntimeSession, cuda_usable, resolve_providers
+from inferd.core.types import TensorSpec
+from inferd.demo_models import build_cnn, build_mlp, build_text_encoder, write_model
 
 CPU_EP = "CPUExecutionProvider"
 CUDA_EP = "CUDAExecutionProvider"
@@ -36,7 +36,7 @@ TRT_EP = "TensorrtExecutionProvider"
 
 @pytest.fixture
 def gpu_present(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(runtime, "cuda_usable", lambda: True)
+    monkeypatch.setattr(session, "cuda_usable", lambda: True)
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +186,7 @@ def recorded(monkeypatch: pytest.MonkeyPatch, gpu_present: None) -> Iterator[Rec
         record.calls.append(list(zip(names, options, strict=True)))
         return real(path, sess_options=sess_options, providers=[CPU_EP])
 
-    monkeypatch.setattr(runtime.ort, "InferenceSession", fake)
+    monkeypatch.setattr(session.ort, "InferenceSession", fake)
     yield record
 
 
@@ -266,8 +266,8 @@ def test_tensorrt_profile_takes_declared_dims(repo: Path, recorded: RecordedSess
 
 def test_cuda_graphs_need_fixed_input_dims() -> None:
     signature_inputs = (TensorSpec("input_ids", "INT64", (-1,)),)
-    from server.core.runtime import _require_graphable
-    from server.core.types import ModelSignature
+    from inferd.core.runtime.session import _require_graphable
+    from inferd.core.types import ModelSignature
 
     with pytest.raises(InvalidInput, match="input 'input_ids' has dims \\[-1\\]"):
         _require_graphable(ModelSignature(signature_inputs, (), 8), (1, 8))

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from server.core.errors import InvalidInput
-from server.core.model_config import ModelDefaults, TensorDeclaration, VersionPolicy
-from server.core.repository import ModelRepository
-from server.core.runtime import OnnxRuntimeSession, resolve_providers
-from server.core.signature import derive_signature
-from server.core.triton_config import load_triton_config
-from server.demo_models import (
+from inferd.core.errors import InvalidInput
+from inferd.core.models.config import ModelDefaults, TensorDeclaration, VersionPolicy
+from inferd.core.models.repository import ModelRepository
+from inferd.core.models.signature import derive_signature
+from inferd.core.models.triton_config import load_triton_config
+from inferd.core.runtime.session import OnnxRuntimeSession, resolve_providers
+from inferd.demo_models import (
     build_mlp,
     build_text_encoder,
     write_model,
@@ -132,7 +132,7 @@ def test_unsupported_fields_are_logged_once(tmp_path: Path, caplog: pytest.LogCa
     path.write_text(
         "model_warmup [ { name: 'w' batch_size: 1 } ]\nmetric_tags { key: 'a' value: 'b' }"
     )
-    with caplog.at_level(logging.WARNING, logger="server.core.triton_config"):
+    with caplog.at_level(logging.WARNING, logger="inferd.core.models.triton_config"):
         load_triton_config(path, "logged_once")
         load_triton_config(path, "logged_once")
     lines = [r.getMessage() for r in caplog.records]
@@ -219,7 +219,7 @@ def test_declared_fixed_dims_narrow_variable_graph_dims(tmp_path: Path):
 def test_repository_reads_config_pbtxt(tmp_path: Path, caplog: pytest.LogCaptureFixture):
     write_model(build_mlp(), tmp_path, "mlp")
     (tmp_path / "mlp" / "config.pbtxt").write_text(MLP_INPUTS)
-    with caplog.at_level(logging.INFO, logger="server.core.repository"):
+    with caplog.at_level(logging.INFO, logger="inferd.core.models.repository"):
         sources, problems = ModelRepository(tmp_path).scan()
     assert problems == []
     assert sources[0].config.max_batch_size == 8
@@ -229,7 +229,7 @@ def test_repository_reads_config_pbtxt(tmp_path: Path, caplog: pytest.LogCapture
 def test_config_toml_wins_over_config_pbtxt(tmp_path: Path, caplog: pytest.LogCaptureFixture):
     write_model(build_mlp(), tmp_path, "both", config_toml="max_batch_size = 3\n")
     (tmp_path / "both" / "config.pbtxt").write_text(MLP_INPUTS)
-    with caplog.at_level(logging.INFO, logger="server.core.repository"):
+    with caplog.at_level(logging.INFO, logger="inferd.core.models.repository"):
         sources, _ = ModelRepository(tmp_path).scan()
     assert sources[0].config.max_batch_size == 3
     messages = [r.getMessage() for r in caplog.records]

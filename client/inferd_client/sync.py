@@ -1,0 +1,238 @@
+"""The blocking inferd client."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import grpc
+import numpy as np
+
+from inferd_client import _convert
+from inferd_client._common import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_TARGET,
+    StreamBook,
+    channel_options,
+)
+from inferd_client._health import CHECK_METHOD, decode_health_response, encode_health_request
+from inferd_client._tracing import trace_metadata
+from inferd_client.errors import error_from_rpc
+from inferd_client.types import (
+    ModelMetadata,
+    ModelStatusEvent,
+    RepositoryEntry,
+    StreamRequest,
+    StreamResult,
+    VersionStatus,
+)
+from inferd_wire.proto.inferd.v1 import (
+    model_repository_pb2_grpc,
+    model_status_pb2_grpc,
+    predict_pb2,
+    predict_pb2_grpc,
+)
+
+__all__ = ["InferClient"]
+
+_T = TypeVar("_T")
+
+Metadata = tuple[tuple[str, str], ...] | None
+
+
+class InferClient:
+    """A blocking client for an inferd server; thread-safe, one channel per client.
+
+    Every failed RPC raises an InferError subclass chosen by its status code. Output arrays of
+    fixed-size datatypes are read-only views of the received bytes (copy them to write).
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: Iterable[tuple[str, Any]] | None = None,
+        control_token: str | None = None,
+    ) -> None:
+        opts = channel_options(max_message_bytes, options)
+        if credentials is None:
+            self._channel = grpc.insecure_channel(target, options=opts)
+        else:
+            self._channel = grpc.secure_channel(target, credentials, options=opts)
+        self.target = target
+        self._predict = predict_pb2_grpc.PredictStub(self._channel)
+        self._status = model_status_pb2_grpc.ModelStatusStub(self._channel)
+        self._repository = model_repository_pb2_grpc.ModelRepositoryStub(self._channel)
+        self._control_metadata = (
+            (("authorization", f"Bearer {control_token}"),) if control_token else ()
+        )
+        self._health = self._channel.unary_unary(
+            CHECK_METHOD,
+            request_serializer=encode_health_request,
+            response_deserializer=decode_health_response,
+        )
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the channel; calls in flight are cancelled."""
+        self._channel.close()
+
+    @staticmethod
+    def _call(method: Callable[..., _T], request: Any, timeout: float | None) -> _T:
+        try:
+            return method(request, timeout=timeout, metadata=trace_metadata())
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+
+    # --- Predict -----------------------------------------------------------------------------
+
+    def infer(
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str] | None = None,
+        version: int | None = None,
+        timeout: float | None = None,
+        priority: int = 0,
+        request_id: str = "",
+    ) -> dict[str, np.ndarray]:
+        """Run `model` on `inputs`; returns output name -> array (only `outputs`, if given).
+
+        `version` None runs the newest READY version; `timeout` is the gRPC deadline in
+        seconds; `priority` 0 is the model's default, 1 the most urgent.
+        """
+        request = _convert.predict_request(
+            model, inputs, outputs, version, request_id, priority, timeout_us=0
+        )
+        response = self._call(self._predict.Predict, request, timeout)
+        return _convert.predict_outputs(response)
+
+    def infer_stream(self, requests: Iterable[StreamRequest]) -> Iterator[StreamResult]:
+        """Send `requests` over one stream; yields a StreamResult per request as answered.
+
+        Results may come out of order (match them by request_id). A failed request yields a
+        result with `error` set and the stream goes on; only a failure of the whole stream
+        raises. `requests` is consumed on a gRPC thread as the server takes it, so it may be
+        a lazy generator. The call starts on the first next(); stopping early cancels it.
+        """
+        return self._stream(requests, trace_metadata())
+
+    def _stream(
+        self, requests: Iterable[StreamRequest], metadata: Metadata
+    ) -> Iterator[StreamResult]:
+        book = StreamBook()
+        call = self._predict.PredictStream(_requests(requests, book), metadata=metadata)
+        try:
+            for message in call:
+                if book.failure is not None:
+                    break
+                yield _convert.stream_result(message, book.answered(message.id))
+        except grpc.RpcError as exc:
+            if book.failure is None:
+                raise error_from_rpc(exc) from None
+        finally:
+            call.cancel()
+        if book.failure is not None:
+            raise book.failure
+
+    # --- ModelStatus -------------------------------------------------------------------------
+
+    def status(
+        self, model: str, version: int | None = None, *, timeout: float | None = None
+    ) -> list[VersionStatus]:
+        """The state and counters of each version of `model` (or just `version`)."""
+        request = _convert.status_request(model, version)
+        return _convert.version_statuses(self._call(self._status.GetModelStatus, request, timeout))
+
+    def metadata(
+        self, model: str, version: int | None = None, *, timeout: float | None = None
+    ) -> ModelMetadata:
+        """Inputs, outputs and serving settings of `version` (None: the newest READY one)."""
+        request = _convert.metadata_request(model, version)
+        return _convert.model_metadata(self._call(self._status.GetModelMetadata, request, timeout))
+
+    def list_models(self, *, timeout: float | None = None) -> dict[str, list[VersionStatus]]:
+        """Model name -> the status of each of its versions, for every model the server knows."""
+        request = _convert.list_request()
+        return _convert.model_list(self._call(self._status.ListModels, request, timeout))
+
+    def watch(self, model: str = "") -> Iterator[ModelStatusEvent]:
+        """The current state of each version of `model` ("" = every model), then each change.
+
+        Endless until the server ends it; stop iterating (or close the iterator) to cancel.
+        """
+        return self._watch(model, trace_metadata())
+
+    def _watch(self, model: str, metadata: Metadata) -> Iterator[ModelStatusEvent]:
+        call = self._status.WatchModelStatus(_convert.watch_request(model), metadata=metadata)
+        try:
+            for message in call:
+                yield _convert.status_event(message)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+        finally:
+            call.cancel()
+
+    # --- ModelRepository (control plane: needs control_token) -------------------------------
+
+    def _control(self, method: Any, request: Any, timeout: float | None) -> Any:
+        metadata = (*(trace_metadata() or ()), *self._control_metadata)
+        try:
+            return method(request, timeout=timeout, metadata=metadata)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+
+    def repository_index(self, *, timeout: float | None = None) -> list[RepositoryEntry]:
+        """Every model version on disk or known to the server, with its state."""
+        response = self._control(self._repository.Index, _convert.index_request(), timeout)
+        return _convert.repository_index(response)
+
+    def load_model(self, model: str, *, timeout: float | None = None) -> list[VersionStatus]:
+        """Load (or reload) `model` as the repository holds it; returns its versions' status."""
+        response = self._control(self._repository.Load, _convert.load_request(model), timeout)
+        return _convert.version_statuses(response)
+
+    def unload_model(self, model: str, *, timeout: float | None = None) -> None:
+        """Stop serving every version of `model` once what they accepted is answered."""
+        self._control(self._repository.Unload, _convert.unload_request(model), timeout)
+
+    # --- Health ------------------------------------------------------------------------------
+
+    def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        """grpc.health.v1 status of `service` ("" = the server): 'SERVING', 'NOT_SERVING', ...
+
+        A service the server does not know reads 'SERVICE_UNKNOWN'.
+        """
+        try:
+            status: str = self._health(service, timeout=timeout, metadata=trace_metadata())
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return "SERVICE_UNKNOWN"
+            raise error_from_rpc(exc) from None
+        return status
+
+
+def _requests(
+    requests: Iterable[StreamRequest], book: StreamBook
+) -> Iterator[predict_pb2.PredictRequest]:
+    """The messages for `requests`; an exception ends the stream and is kept in `book`."""
+    try:
+        for request in requests:
+            message = _convert.stream_request(request)
+            book.sent(request.request_id, request.model, request.version)
+            yield message
+    except Exception as exc:
+        book.failure = exc

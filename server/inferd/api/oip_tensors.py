@@ -1,0 +1,184 @@
+"""Open Inference Protocol tensors <-> the shared request path: a ModelInferRequest's inputs
+become `inference.WireTensor`s (raw bytes; typed `contents` converted to little-endian bytes),
+its parameters become priority and timeout, and results become raw_output_contents.
+
+Only the protocol's own rules are checked here (raw vs typed contents, typed element counts,
+parameter types); everything a model declares is checked once, by `server/inferd/api/inference.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from inferd.api.inference import WireTensor
+from inferd.core.errors import InvalidInput
+from inferd.core.types import InferResult
+from inferd_wire.codec import DTYPES, pack_bytes_elements, to_wire
+from inferd_wire.proto.inference import grpc_service_pb2 as pb
+
+# Which InferTensorContents field holds each datatype's elements. FP16 and BF16 have none.
+TYPED_FIELDS = {
+    "BOOL": "bool_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+RAW_ONLY = ("FP16", "BF16")
+
+# Parameters that name a shared-memory region, on inputs and requested outputs.
+SHARED_MEMORY_PARAMETERS = ("shared_memory_region", "shared_memory_byte_size")
+
+
+class Unimplemented(Exception):
+    """A request uses a protocol feature inferd does not implement (answered UNIMPLEMENTED)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOptions:
+    version: int | None
+    priority: int
+    timeout_us: int
+
+
+def parse_version(field: str, version: str) -> int | None:
+    """ "" -> None (the policy's choice); a decimal number -> that version."""
+    if not version:
+        return None
+    if not version.isdecimal():
+        raise InvalidInput(f"{field}: {version!r} is not a version number")
+    return int(version)
+
+
+def request_options(request: pb.ModelInferRequest) -> RequestOptions:
+    """The version and the `priority` and `timeout` (microseconds) parameters; every other
+    request parameter is ignored, as Triton's clients send some (sequence_id, ...)."""
+    parameters = request.parameters
+    return RequestOptions(
+        version=parse_version("model_version", request.model_version),
+        priority=_int_parameter(parameters, "priority"),
+        timeout_us=_int_parameter(parameters, "timeout"),
+    )
+
+
+def _int_parameter(parameters: Mapping[str, pb.InferParameter], name: str) -> int:
+    if name not in parameters:
+        return 0
+    parameter = parameters[name]
+    which = parameter.WhichOneof("parameter_choice")
+    if which not in ("int64_param", "uint64_param"):
+        raise InvalidInput(
+            f"parameter '{name}' must be an integer (int64_param or uint64_param), "
+            f"not {which or 'empty'}"
+        )
+    value = int(getattr(parameter, which))
+    if value < 0:
+        raise InvalidInput(f"parameter '{name}' must not be negative, got {value}")
+    return value
+
+
+def wire_tensors(request: pb.ModelInferRequest) -> list[WireTensor]:
+    """Each input with its bytes: raw_input_contents (one entry per input, in order) when the
+    request has any, else each input's typed contents converted."""
+    raw = list(request.raw_input_contents)  # each access copies: read once
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidInput(
+            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; "
+            "send one per input, in order (or none, and typed contents)"
+        )
+    tensors = []
+    for i, tensor in enumerate(request.inputs):
+        _refuse_shared_memory("input", tensor.name, tensor.parameters)
+        if raw:
+            if tensor.HasField("contents") and tensor.contents.ByteSize():
+                raise InvalidInput(
+                    f"input '{tensor.name}': contents must be empty when raw_input_contents is used"
+                )
+            contents = raw[i]
+        else:
+            contents = typed_contents_bytes(tensor)
+        tensors.append(WireTensor(tensor.name, tensor.datatype, tensor.shape, contents))
+    return tensors
+
+
+def typed_contents_bytes(tensor: pb.ModelInferRequest.InferInputTensor) -> bytes:
+    """The typed `contents` of one input as raw little-endian bytes (BYTES: length-prefixed),
+    after checking that the datatype's field holds exactly product(shape) elements. An unknown
+    datatype or a negative dim gives b"": the shared validation names that problem."""
+    name, datatype = tensor.name, tensor.datatype
+    if datatype in RAW_ONLY:
+        raise InvalidInput(
+            f"input '{name}': {datatype} has no typed contents field; send it in raw_input_contents"
+        )
+    field = TYPED_FIELDS.get(datatype)
+    shape = [int(d) for d in tensor.shape]
+    if field is None or any(d < 0 for d in shape):
+        return b""
+    values = getattr(tensor.contents, field)
+    count = 1
+    for d in shape:
+        count *= d
+    if len(values) != count:
+        raise InvalidInput(
+            f"input '{name}': contents.{field} holds {len(values)} elements; shape {shape} "
+            f"of {datatype} needs {count}"
+        )
+    if datatype == "BYTES":
+        return pack_bytes_elements(values)
+    try:
+        return np.array(values, dtype=DTYPES[datatype]).tobytes()
+    except (OverflowError, ValueError):
+        raise InvalidInput(
+            f"input '{name}': contents.{field} holds a value out of range for {datatype}"
+        ) from None
+
+
+def requested_outputs(request: pb.ModelInferRequest) -> list[str]:
+    names = []
+    for output in request.outputs:
+        _refuse_shared_memory("output", output.name, output.parameters)
+        if "classification" in output.parameters:
+            raise Unimplemented(
+                f"requested output '{output.name}': the classification extension is not "
+                "implemented by inferd; request the raw output"
+            )
+        names.append(output.name)
+    return names
+
+
+def _refuse_shared_memory(
+    kind: str, name: str, parameters: Mapping[str, pb.InferParameter]
+) -> None:
+    if any(p in parameters for p in SHARED_MEMORY_PARAMETERS):
+        raise Unimplemented(
+            f"{kind} '{name}' names a shared-memory region; inferd does not implement the "
+            "shared-memory extensions: send the tensor in the request"
+        )
+
+
+def infer_response(request_id: str, result: InferResult) -> pb.ModelInferResponse:
+    """Every output raw, in raw_output_contents, in the order of `outputs`."""
+    response = pb.ModelInferResponse(
+        model_name=result.model, model_version=str(result.version), id=request_id
+    )
+    raw = []
+    for name, array in result.outputs.items():
+        datatype, shape, contents = to_wire(array)
+        response.outputs.add(name=name, datatype=datatype, shape=shape)
+        raw.append(contents)
+    response.raw_output_contents.extend(raw)
+    return response

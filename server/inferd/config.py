@@ -1,0 +1,120 @@
+"""The server's one typed configuration.
+
+Every setting resolves, highest first, from: command-line flags, `INFERD_*` environment
+variables (nested with `__`, e.g. `INFERD_MODELS__MAX_BATCH_SIZE=16`), the TOML file given with
+`--config`, and the defaults below.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from inferd.core.models.config import ModelDefaults
+from inferd.observability.logging import LogFormat
+from inferd.observability.metrics import LATENCY_BUCKETS
+from inferd.observability.tracing import TracingConfig
+
+
+class ServerConfig(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="INFERD_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    model_repository: Path = Path("models")
+    """Directory of `<model>/<version>/model.onnx`."""
+
+    host: str = "127.0.0.1"
+    """Address to listen on; 0.0.0.0 for every interface (e.g. in a container)."""
+
+    port: Annotated[int, Field(ge=0, le=65535)] = 8001
+    """gRPC port (Triton's default, so its tooling finds us); 0 picks a free port."""
+
+    metrics_port: Annotated[int, Field(ge=-1, le=65535)] = 8002
+    """Prometheus /metrics port; -1 turns the endpoint off, 0 picks a free port."""
+
+    max_message_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024 * 1024
+    """Largest gRPC message received or sent; a larger one is refused by gRPC before decoding."""
+
+    max_elements_per_request: Annotated[int, Field(ge=1)] = 16 * 1024 * 1024
+    """Tensor elements per request, all inputs together; checked before any allocation."""
+
+    stream_window: Annotated[int, Field(ge=1)] = 256
+    """Requests of one PredictStream in flight at once; the stream reads no further until one
+    is answered (back-pressure instead of unbounded memory)."""
+
+    grace_period_s: Annotated[float, Field(ge=0)] = 30.0
+    """On SIGTERM/SIGINT: how long to finish accepted requests before exiting anyway."""
+
+    log_level: str = "INFO"
+
+    log_format: LogFormat = "json"
+    """json: one JSON object per line, with trace and span ids inside traced requests."""
+
+    access_log_sample_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    """Fraction of requests logged on the `inferd.access` logger (0: none)."""
+
+    latency_buckets: tuple[float, ...] = LATENCY_BUCKETS
+    """Histogram buckets (seconds) of the request, queue and compute duration metrics."""
+
+    tracing: TracingConfig = Field(default_factory=TracingConfig)
+    """OpenTelemetry: exporter (none, console, otlp_grpc, otlp_http), endpoint, sample ratio."""
+
+    model_control: Literal["none", "poll", "explicit"] = "none"
+    """none: load at start only; poll: also rescan every poll_interval_s; explicit: load at
+    start, then only the Load/Unload RPCs change what is served."""
+
+    poll_interval_s: Annotated[float, Field(gt=0)] = 5.0
+    """Seconds between repository scans in poll mode. A new or changed version is loaded once
+    two consecutive scans see the same files, so publishing takes up to twice this."""
+
+    settle_s: Annotated[float, Field(ge=0)] = 1.0
+    """Without the marker, a version's files must stay unchanged this long (across scans)
+    before they are loaded; explicit loads wait it out for files first seen."""
+
+    require_ready_marker: bool = False
+    """Load a version directory only once it holds a `.ready` file (write the files, then the
+    marker), instead of waiting for its files to stop changing."""
+
+    control_token: SecretStr | None = None
+    """Enables the control RPCs (ModelRepository Load/Unload/Index and the Open Inference
+    Protocol's repository RPCs); each call must send `authorization: Bearer <token>`."""
+
+    models: ModelDefaults = Field(default_factory=ModelDefaults)
+    """Defaults for what a model's config.toml leaves out."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
+
+    @classmethod
+    def load(cls, config_file: Path | None = None, **flags: Any) -> ServerConfig:
+        """Resolve flags > environment > config file > defaults. Flags set to None are unset."""
+        given = {k: v for k, v in flags.items() if v is not None}
+        if config_file is None:
+            return cls(**given)
+        if not config_file.is_file():
+            raise FileNotFoundError(f"config file {config_file} does not exist")
+
+        class _FromFile(cls):  # type: ignore[valid-type,misc]
+            model_config = SettingsConfigDict(**{**cls.model_config, "toml_file": config_file})
+
+        return cls.model_validate(_FromFile(**given).model_dump())

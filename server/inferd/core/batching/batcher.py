@@ -1,0 +1,365 @@
+"""The dynamic batcher: one per model version.
+
+Three parts, as in TF Serving's batch scheduler:
+- the queue (what waits, `batch_queue.py`): one `ShapeQueue` per shape signature, since only
+  requests whose non-batch dims and dtypes agree can be concatenated; inside it, FIFO per
+  priority level;
+- the policy (when a batch closes, `batch_policy.py` and `ShapeQueue.readiness`);
+- the threads (who runs it, here): `instances` execution slots; the executor runs each batch
+  off the event loop.
+
+Plain asyncio: no gRPC types. Tests drive it with a fake executor on a fake loop clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from inferd.core.batching.policy import BatchingPolicy
+from inferd.core.batching.queue import EntryState, QueuedRequest, ShapeQueue
+from inferd.core.batching.timer import wait_until
+from inferd.core.errors import (
+    DeadlineExceeded,
+    InferenceFailed,
+    InvalidInput,
+    QueueFull,
+    Unavailable,
+)
+from inferd.core.observer import BatchReport, Observer, RejectReason
+from inferd.core.types import Array, InferRequest, InferResult
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRun:
+    """What an executor returns: each request's outputs, in batch order, and where the time
+    went (seconds): preparing inputs, running the model, splitting outputs."""
+
+    outputs: list[dict[str, Array]]
+    input_time: float = 0.0
+    infer_time: float = 0.0
+    output_time: float = 0.0
+
+
+class BatchExecutor(Protocol):
+    """Runs one batch: each element of `batch` is one request's inputs. `outputs` lists the
+    names to compute (empty: all)."""
+
+    async def execute(
+        self, batch: Sequence[Mapping[str, Array]], outputs: Sequence[str]
+    ) -> BatchRun: ...
+
+
+class Batcher:
+    """Queues requests for one model version and executes them in batches.
+
+    `submit` answers every request it accepts exactly once: with its outputs, or with the error
+    that stopped it (QueueFull at once, DeadlineExceeded, Cancelled, InferenceFailed,
+    Unavailable after `close`).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        version: int,
+        policy: BatchingPolicy,
+        executor: BatchExecutor,
+        observer: Observer | None = None,
+        fine_timer: bool = True,
+    ) -> None:
+        """`fine_timer` False keeps every wait on the loop's own clock (fake-clock tests)."""
+        self.model = model
+        self._fine_timer = fine_timer
+        self.version = version
+        self.policy = policy
+        self._executor = executor
+        self._observer = observer or Observer()
+        self._queues: dict[tuple[Any, ...], ShapeQueue] = {}
+        self._queued = 0
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(policy.instances)
+        self._wake = asyncio.Event()
+        self._draining = False
+        self._closed = False
+        self._dispatcher: asyncio.Task[None] | None = None
+
+    @property
+    def queued(self) -> int:
+        return self._queued
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def start(self) -> None:
+        if self._dispatcher is None:
+            self._dispatcher = asyncio.get_running_loop().create_task(
+                self._dispatch_forever(), name=f"batcher:{self.model}:{self.version}"
+            )
+
+    async def submit(self, request: InferRequest) -> InferResult:
+        if self._draining:
+            self._reject(RejectReason.UNAVAILABLE)
+            raise Unavailable(f"model '{self.model}' version {self.version} is unloading")
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        entry = QueuedRequest(
+            request,
+            loop.create_future(),
+            now,
+            request.priority or self.policy.default_priority,
+            self.policy.max_batch_size > 0,
+        )
+        if entry.rows > self.policy.batch_limit:
+            self._reject(RejectReason.INVALID)
+            raise InvalidInput(
+                f"batch dimension {entry.rows} exceeds max_batch_size "
+                f"{self.policy.max_batch_size} of model '{self.model}'"
+            )
+        if request.deadline is not None and request.deadline <= now:
+            self._reject(RejectReason.DEADLINE)
+            raise DeadlineExceeded("deadline passed before the request was queued")
+        if self._queued >= self.policy.max_queue_size:
+            self._reject(RejectReason.QUEUE_FULL)
+            raise QueueFull(
+                f"queue of model '{self.model}' version {self.version} is full "
+                f"(max_queue_size={self.policy.max_queue_size})"
+            )
+        self.start()
+        queue = self._queues.get(entry.key)
+        if queue is None:
+            queue = self._queues[entry.key] = ShapeQueue()
+        queue.push(entry)
+        self._queued += 1
+        self._observer.queue_depth_changed(self.model, self.version, self._queued)
+        self._wake.set()
+        try:
+            if request.deadline is None:
+                return await entry.future
+            async with asyncio.timeout_at(request.deadline):
+                return await entry.future
+        except TimeoutError:
+            if self._unqueue(entry):
+                self._reject(RejectReason.DEADLINE)
+                raise DeadlineExceeded(
+                    f"deadline passed after {loop.time() - entry.arrival:.6f} s in the queue"
+                ) from None
+            raise DeadlineExceeded("deadline passed while the request's batch executed") from None
+        except asyncio.CancelledError:
+            if self._unqueue(entry):
+                # gRPC cancels the caller at its deadline: count that as the deadline it is.
+                late = request.deadline is not None and loop.time() >= request.deadline - 0.005
+                self._reject(RejectReason.DEADLINE if late else RejectReason.CANCELLED)
+            raise
+
+    async def drain(self) -> None:
+        """Stop accepting; execute everything already queued, without waiting for batches to
+        fill; return once every accepted request has been answered."""
+        self._draining = True
+        self._wake.set()
+        if self._dispatcher is not None:
+            await self._dispatcher
+        while self._in_flight:
+            await asyncio.gather(*self._in_flight, return_exceptions=True)
+
+    async def close(self) -> None:
+        """Drain, then refuse everything from now on."""
+        await self.drain()
+        self._closed = True
+
+    def _reject(self, reason: RejectReason) -> None:
+        self._observer.request_rejected(self.model, self.version, reason)
+
+    def _unqueue(self, entry: QueuedRequest) -> bool:
+        """Remove a still-queued entry (its caller gave up); False if it already left."""
+        if entry.state is not EntryState.QUEUED:
+            return False
+        queue = self._queues[entry.key]
+        queue.remove(entry)
+        if not queue.count:
+            del self._queues[entry.key]
+        self._queued -= 1
+        entry.state = EntryState.GONE
+        self._observer.queue_depth_changed(self.model, self.version, self._queued)
+        return True
+
+    async def _dispatch_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._slots.acquire()
+            batch = await self._next_batch(loop)
+            if batch is None:
+                self._slots.release()
+                return
+            task = loop.create_task(self._execute(batch, loop))
+            self._in_flight.add(task)
+            task.add_done_callback(self._in_flight.discard)
+
+    async def _next_batch(self, loop: asyncio.AbstractEventLoop) -> list[QueuedRequest] | None:
+        while True:
+            now = loop.time()
+            chosen: ShapeQueue | None = None
+            chosen_key: tuple[Any, ...] = ()
+            wake_at: float | None = None
+            for key, queue in self._queues.items():
+                ready, at = queue.readiness(self.policy, now)
+                if self._draining:
+                    ready = True
+                if ready:
+                    if chosen is None or queue.oldest_arrival() < chosen.oldest_arrival():
+                        chosen, chosen_key = queue, key
+                elif wake_at is None or at < wake_at:
+                    wake_at = at
+            if chosen is not None:
+                batch = self._take_live(chosen, chosen_key, now)
+                if batch:
+                    return batch
+                continue
+            if self._draining:
+                return None
+            self._wake.clear()
+            if wake_at is None:
+                await self._wake.wait()
+            else:
+                await wait_until(self._wake, wake_at, fine=self._fine_timer)
+
+    def _take_live(
+        self, queue: ShapeQueue, key: tuple[Any, ...], now: float
+    ) -> list[QueuedRequest]:
+        """Take the next batch from `queue`, answering (never executing) entries whose deadline
+        has passed or whose caller is gone."""
+        batch = queue.take(self.policy, now)
+        if not queue.count:
+            del self._queues[key]
+        self._queued -= len(batch)
+        self._observer.queue_depth_changed(self.model, self.version, self._queued)
+        live: list[QueuedRequest] = []
+        for entry in batch:
+            entry.state = EntryState.RUNNING
+            if entry.future.done():
+                self._reject(RejectReason.CANCELLED)
+            elif entry.request.deadline is not None and entry.request.deadline <= now:
+                self._reject(RejectReason.DEADLINE)
+                entry.future.set_exception(
+                    DeadlineExceeded(
+                        f"deadline passed after {now - entry.arrival:.6f} s in the queue"
+                    )
+                )
+            else:
+                live.append(entry)
+        return live
+
+    async def _execute(self, batch: list[QueuedRequest], loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            error = await self._run(batch, loop, answer_failure=len(batch) == 1)
+            if error is None or len(batch) == 1:
+                return
+            if isinstance(error, asyncio.CancelledError):
+                self._fail(batch, error)
+                raise error
+            # One request's bad data (an index out of range, say) must not fail the requests
+            # that shared its batch: each runs again alone, and only those that fail again
+            # get the error. Costs one run per request, only when a batch fails.
+            for entry in batch:
+                if not entry.future.done():
+                    await self._run([entry], loop, answer_failure=True)
+                elif not entry.reported:
+                    # Its caller gave up while an earlier request of the batch ran again.
+                    late = entry.request.deadline is not None and loop.time() >= (
+                        entry.request.deadline
+                    )
+                    self._reject(RejectReason.DEADLINE if late else RejectReason.CANCELLED)
+        finally:
+            self._slots.release()
+
+    async def _run(
+        self, batch: list[QueuedRequest], loop: asyncio.AbstractEventLoop, answer_failure: bool
+    ) -> BaseException | None:
+        """Execute once and answer each request its outputs; on failure, answer the error only
+        when `answer_failure`. Returns the failure."""
+        rows = sum(entry.rows for entry in batch)
+        started = loop.time()
+        queue_times = tuple(started - entry.arrival for entry in batch)
+        self._observer.batch_started(self.model, self.version, rows, len(self._in_flight))
+        wanted = self._union_of_outputs(batch)
+        run: BatchRun | None = None
+        error: BaseException | None = None
+        try:
+            run = await self._executor.execute([e.request.inputs for e in batch], wanted)
+            if len(run.outputs) != len(batch):
+                raise RuntimeError(
+                    f"executor returned {len(run.outputs)} results for {len(batch)} requests"
+                )
+        except BaseException as exc:
+            error = exc
+        compute_time = loop.time() - started
+        ok = run is not None and error is None
+        self._observer.batch_finished(
+            BatchReport(
+                model=self.model,
+                version=self.version,
+                rows=rows,
+                queue_times=queue_times,
+                trace_contexts=tuple(e.request.trace_context for e in batch),
+                compute_time=compute_time,
+                input_time=run.input_time if run and ok else 0.0,
+                infer_time=run.infer_time if run and ok else 0.0,
+                output_time=run.output_time if run and ok else 0.0,
+                error=error,
+                in_flight=len(self._in_flight) - 1,
+                abandoned=tuple(e.future.done() for e in batch),
+                retried=error is not None and not answer_failure,
+            )
+        )
+        for entry in batch:
+            if error is None or answer_failure or entry.future.done():
+                entry.reported = True
+        if error is not None or run is None:
+            if answer_failure:
+                self._fail(batch, error)
+            return error or RuntimeError("executor returned nothing")
+        for entry, outputs, queue_time in zip(batch, run.outputs, queue_times, strict=True):
+            if entry.future.done():
+                continue
+            requested = entry.request.outputs
+            try:
+                selected = {n: outputs[n] for n in requested} if requested else outputs
+            except KeyError as exc:
+                entry.future.set_exception(
+                    InferenceFailed(f"model '{self.model}' returned no output {exc}")
+                )
+                continue
+            entry.future.set_result(
+                InferResult(
+                    model=self.model,
+                    version=self.version,
+                    outputs=selected,
+                    queue_time=queue_time,
+                    compute_time=compute_time,
+                    batch_rows=rows,
+                )
+            )
+        return None
+
+    def _fail(self, batch: list[QueuedRequest], error: BaseException | None) -> None:
+        rows = sum(entry.rows for entry in batch)
+        failure = InferenceFailed(
+            f"model '{self.model}' version {self.version} failed on a batch of {rows} rows: {error}"
+        )
+        for entry in batch:
+            if not entry.future.done():
+                entry.future.set_exception(failure)
+
+    @staticmethod
+    def _union_of_outputs(batch: list[QueuedRequest]) -> tuple[str, ...]:
+        names: dict[str, None] = {}
+        for entry in batch:
+            if not entry.request.outputs:
+                return ()
+            names.update(dict.fromkeys(entry.request.outputs))
+        return tuple(names)
+
+
+__all__ = ["BatchExecutor", "BatchRun", "Batcher", "BatchingPolicy"]

@@ -1,0 +1,379 @@
+"""The model registry: which model versions exist, their state, and where a request goes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from inferd.core.batching.batcher import Batcher, BatchExecutor, BatchingPolicy
+from inferd.core.errors import ModelNotFound, Unavailable
+from inferd.core.models.config import ModelConfig, ModelDefaults
+from inferd.core.models.repository import validate_model_name
+from inferd.core.models.signature import GraphTensor, derive_signature
+from inferd.core.observer import MultiObserver, Observer
+from inferd.core.runtime.session import OnnxRuntimeSession, resolve_providers
+from inferd.core.runtime.warmup import load_samples, warm_up
+from inferd.core.statistics import StatisticsRecorder, VersionStatistics
+from inferd.core.types import InferRequest, InferResult, ModelSignature, ModelState
+
+log = logging.getLogger(__name__)
+
+
+def batching_policy(
+    config: ModelConfig, signature: ModelSignature, defaults: ModelDefaults
+) -> BatchingPolicy:
+    """The batcher's policy: the model's config.toml over the server's defaults."""
+    delay_us = config.max_queue_delay_us
+    return BatchingPolicy(
+        max_batch_size=signature.max_batch_size,
+        max_queue_delay=(defaults.max_queue_delay_us if delay_us is None else delay_us) / 1e6,
+        preferred_batch_sizes=config.preferred_batch_sizes if signature.batches else (),
+        max_queue_size=config.max_queue_size or defaults.max_queue_size,
+        instances=config.instances or defaults.instances,
+        default_priority=config.default_priority,
+    )
+
+
+class ModelSession(BatchExecutor, Protocol):
+    """What the registry needs of a loaded model (OnnxRuntimeSession, or a fake in tests)."""
+
+    providers: tuple[str, ...]
+    inputs: tuple[GraphTensor, ...]
+    outputs: tuple[GraphTensor, ...]
+
+    def close(self) -> None: ...
+
+
+SessionFactory = Callable[[Path, ModelConfig, ModelDefaults, str], ModelSession]
+
+
+def onnxruntime_session(
+    path: Path, config: ModelConfig, defaults: ModelDefaults, name: str
+) -> ModelSession:
+    """The production session: providers from the config, execution fields (batch buckets,
+    CUDA graphs, sessions per slot) applied by the runtime."""
+    providers = resolve_providers(
+        config.execution_providers or defaults.execution_providers,
+        config.provider_options,
+        cuda_graphs=config.cuda_graphs,
+    )
+    threads = config.intra_op_threads
+    return OnnxRuntimeSession(
+        path,
+        providers,
+        intra_op_threads=defaults.intra_op_threads if threads is None else threads,
+        instances=config.instances or defaults.instances,
+        name=name,
+        config=config,
+        defaults=defaults,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ModelStatusEvent:
+    model: str
+    version: int
+    state: ModelState
+    reason: str
+    # Seconds since the epoch.
+    time: float
+
+
+@dataclass(eq=False)
+class ModelVersion:
+    """One version of one model: its state and, when READY, its session and batcher."""
+
+    name: str
+    version: int
+    path: Path
+    config: ModelConfig
+    state: ModelState = ModelState.UNKNOWN
+    reason: str = ""
+    last_change: float = field(default_factory=time.time)
+    statistics: VersionStatistics = field(default_factory=VersionStatistics)
+    signature: ModelSignature | None = None
+    policy: BatchingPolicy | None = None
+    default_timeout: float | None = None
+    providers: tuple[str, ...] = ()
+    # What the files looked like when loaded (see model_control); a failed reload remembers
+    # its files so that only a further change retries it.
+    fingerprint: str = ""
+    failed_fingerprint: str = ""
+    session: ModelSession | None = None
+    batcher: Batcher | None = None
+
+    async def infer(self, request: InferRequest) -> InferResult:
+        if self.batcher is None or self.state is not ModelState.READY:
+            raise Unavailable(
+                f"model '{self.name}' version {self.version} is {self.state.value.lower()}"
+            )
+        return await self.batcher.submit(request)
+
+
+class _Subscription:
+    def __init__(self, model: str) -> None:
+        self.model = model
+        # None ends the watch (server shutdown).
+        self.events: asyncio.Queue[ModelStatusEvent | None] = asyncio.Queue(maxsize=1024)
+        self.overflowed = False
+
+
+class ModelRegistry:
+    def __init__(
+        self,
+        defaults: ModelDefaults | None = None,
+        observer: Observer | None = None,
+        session_factory: SessionFactory = onnxruntime_session,
+    ) -> None:
+        self.defaults = defaults or ModelDefaults()
+        self._observer = observer or Observer()
+        self._session_factory = session_factory
+        self._models: dict[str, dict[int, ModelVersion]] = {}
+        self._subscriptions: set[_Subscription] = set()
+        self._accepting = True
+        # time.monotonic() of the last request refused because the server is shutting down.
+        self.last_refused = 0.0
+
+    # -- loading ---------------------------------------------------------------------------
+
+    async def load_version(
+        self,
+        name: str,
+        number: int,
+        path: Path,
+        config: ModelConfig,
+        fingerprint: str = "",
+    ) -> ModelVersion:
+        """Load, warm and route one version. If the same version number is READY (its files
+        changed), the old one keeps serving until the new one is READY, then drains; if the new
+        one fails, the old one keeps serving and its reason says so."""
+        existing = self._models.get(name, {}).get(number)
+        replacing = existing if existing and existing.state is ModelState.READY else None
+        version = ModelVersion(name, number, path, config, fingerprint=fingerprint)
+        if replacing is None:
+            self._models.setdefault(name, {})[number] = version
+        # While new files of a READY version load, that version number stays READY for
+        # watchers, metrics and status: only the outcome is news.
+        announce = replacing is None
+        self._transition(version, ModelState.LOADING, "", notify=announce)
+        started = time.perf_counter()
+        try:
+            await self._prepare(version)
+        except Exception as exc:
+            reason = getattr(exc, "message", None) or f"loading {path} failed: {_first_line(exc)}"
+            self._transition(
+                version, ModelState.FAILED, reason, time.perf_counter() - started, announce
+            )
+            log.error("model '%s' version %d: %s", name, number, reason)
+            if replacing is not None:
+                replacing.reason = f"reload failed, serving the previous files: {reason}"
+                replacing.failed_fingerprint = fingerprint
+            return version
+        if not self._accepting:
+            await self._release(version)
+            self._transition(
+                version, ModelState.UNLOADED, "server shut down while loading", notify=announce
+            )
+            return version
+        if replacing is not None:
+            self._models[name][number] = version
+        assert version.policy is not None and version.signature is not None
+        self._observer.queue_capacity_set(name, number, version.policy.max_queue_size)
+        self._transition(
+            version,
+            ModelState.READY,
+            "",
+            load_time=time.perf_counter() - started,
+        )
+        log.info(
+            "model '%s' version %d READY on %s (max_batch_size=%d) in %.3f s",
+            name,
+            number,
+            ",".join(version.providers),
+            version.signature.max_batch_size,
+            time.perf_counter() - started,
+        )
+        if replacing is not None:
+            # Same version number: its old files drain without state events, which would
+            # describe the version number now served by the new files.
+            await self._release(replacing)
+        return version
+
+    async def _prepare(self, version: ModelVersion) -> None:
+        """Session, signature, policy, warm-up and batcher; raises on any failure, leaving
+        nothing open."""
+        name, number, config = version.name, version.version, version.config
+        session = await asyncio.to_thread(
+            self._session_factory, version.path, config, self.defaults, f"{name}-{number}"
+        )
+        try:
+            signature = derive_signature(session.inputs, session.outputs, config, self.defaults)
+            policy = batching_policy(config, signature, self.defaults)
+            samples = await asyncio.to_thread(load_samples, version.path.parent.parent, signature)
+            await warm_up(session, signature, policy, samples)
+        except BaseException:
+            await asyncio.to_thread(session.close)
+            raise
+        version.session = session
+        version.signature = signature
+        version.policy = policy
+        version.providers = session.providers
+        timeout_us = (
+            config.default_timeout_us
+            if config.default_timeout_us is not None
+            else self.defaults.default_timeout_us
+        )
+        version.default_timeout = timeout_us / 1e6 if timeout_us else None
+        version.batcher = Batcher(
+            name,
+            number,
+            policy,
+            session,
+            MultiObserver([self._observer, StatisticsRecorder(version.statistics)]),
+        )
+
+    async def unload_version(self, name: str, number: int, reason: str = "") -> None:
+        """Stop routing to the version, answer everything it accepted, then free it."""
+        version = self._models.get(name, {}).get(number)
+        if version is None or version.state not in (ModelState.READY, ModelState.FAILED):
+            return
+        if version.state is ModelState.FAILED:
+            self._transition(version, ModelState.UNLOADED, reason)
+            return
+        self._transition(version, ModelState.UNLOADING, reason)
+        await self._unload(version)
+
+    async def _release(self, version: ModelVersion) -> None:
+        if version.batcher is not None:
+            await version.batcher.close()
+        if version.session is not None:
+            await asyncio.to_thread(version.session.close)
+        version.session = None
+        version.batcher = None
+
+    def get(self, name: str, number: int) -> ModelVersion | None:
+        return self._models.get(name, {}).get(number)
+
+    # -- routing ---------------------------------------------------------------------------
+
+    def resolve(self, name: str, version: int | None = None) -> ModelVersion:
+        """The READY version a request goes to: the one named, or the newest READY one."""
+        if not self._accepting:
+            self.last_refused = time.monotonic()
+            raise Unavailable("server is shutting down")
+        versions = self._models.get(name)
+        if versions is None:
+            validate_model_name(name)
+            raise ModelNotFound(f"model '{name}' is not served")
+        if version is not None:
+            found = versions.get(version)
+            if found is None or found.state is not ModelState.READY:
+                state = found.state.value if found else "not served"
+                ready = sorted(v for v, mv in versions.items() if mv.state is ModelState.READY)
+                raise ModelNotFound(
+                    f"model '{name}' version {version} is {state}; ready versions: {ready}"
+                )
+            return found
+        for number in sorted(versions, reverse=True):
+            if versions[number].state is ModelState.READY:
+                return versions[number]
+        raise ModelNotFound(f"model '{name}' has no READY version")
+
+    def knows(self, name: str) -> bool:
+        return name in self._models
+
+    def model_names(self) -> list[str]:
+        return sorted(self._models)
+
+    def versions_or_empty(self, name: str) -> list[ModelVersion]:
+        versions = self._models.get(name, {})
+        return [versions[v] for v in sorted(versions)]
+
+    def versions(self, name: str) -> list[ModelVersion]:
+        """Every version the server knows of a model, any state, ascending."""
+        versions = self._models.get(name)
+        if versions is None:
+            validate_model_name(name)
+            raise ModelNotFound(f"model '{name}' is not served")
+        return [versions[v] for v in sorted(versions)]
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    # -- state changes ---------------------------------------------------------------------
+
+    def _transition(
+        self,
+        version: ModelVersion,
+        state: ModelState,
+        reason: str,
+        load_time: float | None = None,
+        notify: bool = True,
+    ) -> None:
+        version.state = state
+        version.reason = reason
+        version.last_change = time.time()
+        if not notify:
+            return
+        self._observer.model_state_changed(version.name, version.version, state, reason, load_time)
+        event = ModelStatusEvent(version.name, version.version, state, reason, version.last_change)
+        for sub in self._subscriptions:
+            if sub.model and sub.model != version.name:
+                continue
+            try:
+                sub.events.put_nowait(event)
+            except asyncio.QueueFull:
+                sub.overflowed = True
+
+    async def watch(self, model: str = "") -> AsyncIterator[ModelStatusEvent]:
+        """The current state of every matching version, then each change as it happens. Ends
+        (with OverflowError) if the caller falls more than 1024 events behind."""
+        if model:
+            self.versions(model)
+        sub = _Subscription(model)
+        self._subscriptions.add(sub)
+        try:
+            for name in [model] if model else self.model_names():
+                for v in self.versions(name):
+                    yield ModelStatusEvent(v.name, v.version, v.state, v.reason, v.last_change)
+            while True:
+                event = await sub.events.get()
+                if event is None:
+                    return
+                if sub.overflowed:
+                    raise OverflowError("status watcher fell more than 1024 events behind")
+                yield event
+        finally:
+            self._subscriptions.discard(sub)
+
+    # -- shutdown --------------------------------------------------------------------------
+
+    async def shutdown(self) -> None:
+        """Refuse new requests, answer every accepted one, then unload every version."""
+        self._accepting = False
+        ready = [v for vs in self._models.values() for v in vs.values() if v.batcher is not None]
+        for version in ready:
+            self._transition(version, ModelState.UNLOADING, "server shutting down")
+        await asyncio.gather(*(self._unload(v) for v in ready))
+        # Watches end once the last state change is out, so that shutdown need not wait them.
+        for sub in self._subscriptions:
+            try:
+                sub.events.put_nowait(None)
+            except asyncio.QueueFull:
+                sub.overflowed = True
+
+    async def _unload(self, version: ModelVersion) -> None:
+        await self._release(version)
+        self._transition(version, ModelState.UNLOADED, version.reason)
+
+
+def _first_line(exc: BaseException) -> str:
+    """ONNX Runtime's load errors run to many lines; the first names the problem."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else repr(exc)

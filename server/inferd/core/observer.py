@@ -1,0 +1,119 @@
+"""What the core reports about itself. `server/inferd/observability/` implements it; the core never
+imports Prometheus or OpenTelemetry, so arrows point down only.
+
+Every hook is a no-op here; an implementation overrides the ones it records. Hooks run on the
+event loop and must not block.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from inferd.core.types import ModelState
+
+
+class RejectReason(enum.Enum):
+    QUEUE_FULL = "queue_full"
+    DEADLINE = "deadline"
+    CANCELLED = "cancelled"
+    INVALID = "invalid"
+    UNAVAILABLE = "unavailable"
+
+
+@dataclass(frozen=True, slots=True)
+class BatchReport:
+    """One executed (or failed) batch."""
+
+    model: str
+    version: int
+    rows: int
+    # Per request of the batch, in batch order: its wait in the queue (seconds) and the trace
+    # context its frontend attached (opaque to the core).
+    queue_times: tuple[float, ...]
+    trace_contexts: tuple[Any, ...]
+    # Seconds: the whole execution, and the runtime's split of it.
+    compute_time: float
+    input_time: float
+    infer_time: float
+    output_time: float
+    error: BaseException | None
+    # Batches of this version still executing after this one.
+    in_flight: int
+    # Per request: True when its caller gave up (deadline, cancel) while the batch executed, so
+    # it is not answered with outputs.
+    abandoned: tuple[bool, ...] = ()
+    # A failed batch whose requests will each run again alone: its failure is nobody's answer.
+    retried: bool = False
+
+    @property
+    def requests(self) -> int:
+        return len(self.queue_times)
+
+
+class Observer:
+    def request_rejected(self, model: str, version: int, reason: RejectReason) -> None:
+        """A request was answered without executing it."""
+
+    def queue_depth_changed(self, model: str, version: int, depth: int) -> None:
+        """Requests waiting in the version's queue, after a change."""
+
+    def queue_capacity_set(self, model: str, version: int, capacity: int) -> None:
+        """The version's max_queue_size, once it is READY."""
+
+    def batch_started(self, model: str, version: int, rows: int, in_flight: int) -> None:
+        """A batch left the queue for the runtime; `in_flight` counts it."""
+
+    def batch_finished(self, report: BatchReport) -> None:
+        """A batch returned, or failed (`report.error`)."""
+
+    def model_state_changed(
+        self, model: str, version: int, state: ModelState, reason: str, load_time: float | None
+    ) -> None:
+        """A version changed state; `load_time` is set on the LOADING -> READY/FAILED step."""
+
+    def request_finished(
+        self, protocol: str, model: str, version: int | None, code: str, duration: float
+    ) -> None:
+        """A frontend answered a request (any outcome), `duration` from arrival to reply."""
+
+
+class MultiObserver(Observer):
+    """Fans every event out to several observers."""
+
+    def __init__(self, observers: Sequence[Observer]) -> None:
+        self._observers = tuple(observers)
+
+    def request_rejected(self, model: str, version: int, reason: RejectReason) -> None:
+        for o in self._observers:
+            o.request_rejected(model, version, reason)
+
+    def queue_depth_changed(self, model: str, version: int, depth: int) -> None:
+        for o in self._observers:
+            o.queue_depth_changed(model, version, depth)
+
+    def queue_capacity_set(self, model: str, version: int, capacity: int) -> None:
+        for o in self._observers:
+            o.queue_capacity_set(model, version, capacity)
+
+    def batch_started(self, model: str, version: int, rows: int, in_flight: int) -> None:
+        for o in self._observers:
+            o.batch_started(model, version, rows, in_flight)
+
+    def batch_finished(self, report: BatchReport) -> None:
+        for o in self._observers:
+            o.batch_finished(report)
+
+    def model_state_changed(
+        self, model: str, version: int, state: ModelState, reason: str, load_time: float | None
+    ) -> None:
+        for o in self._observers:
+            o.model_state_changed(model, version, state, reason, load_time)
+
+    def request_finished(
+        self, protocol: str, model: str, version: int | None, code: str, duration: float
+    ) -> None:
+        for o in self._observers:
+            o.request_finished(protocol, model, version, code, duration)
