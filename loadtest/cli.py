@@ -21,7 +21,7 @@ from inferd.loadtest.inputs import InputError, load_input_files, parse_shapes
 from inferd.loadtest.levels import LoadLevel, closed_levels, open_levels
 from inferd.loadtest.runner import MeasurementPlan, RunError
 from inferd.loadtest.session import Workload, run_session
-from inferd.loadtest.target import TargetError, TargetSpec, parse_target
+from inferd.loadtest.targets.target import TargetError, TargetSpec, parse_target
 
 DEFAULT_TARGET = "native:127.0.0.1:8001"
 RESULTS = Path("loadtest") / "results"

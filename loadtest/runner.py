@@ -24,7 +24,7 @@ from inferd.loadtest.inputs import Payload
 from inferd.loadtest.latency import agree_within
 from inferd.loadtest.levels import LoadLevel
 from inferd.loadtest.server_stats import ServerCounters, ServerSplit
-from inferd.loadtest.target import TargetDriver, TargetSpec
+from inferd.loadtest.targets.target import TargetDriver, TargetSpec
 from inferd.loadtest.worker import (
     LevelFinished,
     LevelOrder,

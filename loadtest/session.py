@@ -22,7 +22,8 @@ from inferd.loadtest.latency import LatencySummary, percentiles
 from inferd.loadtest.levels import LoadLevel
 from inferd.loadtest.runner import LevelResult, MeasurementPlan, WorkerPool, run_level
 from inferd.loadtest.server_stats import ServerSplit
-from inferd.loadtest.target import TargetDriver, TargetSpec, open_driver
+from inferd.loadtest.targets import open_driver
+from inferd.loadtest.targets.target import TargetDriver, TargetSpec
 
 
 @dataclass(frozen=True)

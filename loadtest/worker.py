@@ -17,7 +17,8 @@ from typing import Literal
 from inferd.loadtest.arrivals import Arrival, OpenLoopScheduler, arrivals
 from inferd.loadtest.completions import CompletionLog
 from inferd.loadtest.inputs import Payload
-from inferd.loadtest.target import RequestFailed, RequestSender, TargetSpec, open_sender
+from inferd.loadtest.targets import open_sender
+from inferd.loadtest.targets.target import RequestFailed, RequestSender, TargetSpec
 
 
 @dataclass(frozen=True)

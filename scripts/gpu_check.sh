@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check (issue 7): ../shared/GPU.md's final step, on the device machine.
+# The GPU check, on the device machine: install onnxruntime-gpu, then measure inferd served
+# against the in-process ceiling on the same GPU.
 #
 #   scripts/gpu_check.sh             on the device, OUT set: install, test, benchmark
 #   scripts/gpu_check.sh --preflight here, before spending device time: are the parts ready,
@@ -8,7 +9,7 @@
 # On the device it: assembles and installs onnxruntime-gpu from /tmp/ortparts (p1..p4, staged
 # by earlier calls) + .gpu/p5, installs .gpu/extra (or /tmp/extra) wheels, checks every import
 # up front, exports ResNet-50 and BERT-base with torch, runs `pytest -m gpu tests/gpu`, measures
-# the in-process ceiling (loadtest/gpu_bench.py), serves the models with inferd and loads them
+# the in-process ceiling (loadtest/bench/gpu.py), serves the models with inferd and loads them
 # with the harness (native and Open Inference Protocol, closed-loop concurrency sweeps), and
 # writes JSON, plots and summary.md under $OUT. Every step has its own time limit and the whole
 # run a budget (GPU_CHECK_BUDGET_S, default 420 s); a failed step is recorded in
@@ -33,12 +34,12 @@ DEVICE=cuda
 # -- preflight (here, no GPU) ---------------------------------------------------------------
 
 if [[ ${1:-} == --preflight ]]; then
-    echo "parts: ../shared/tools/gpu-parts.sh pydantic pydantic-settings python-json-logger \\"
+    echo "parts: the workplace's gpu-parts tool, with: pydantic pydantic-settings python-json-logger \\"
     echo "           ml-dtypes nvidia-ml-py \"pytest<8.4\""
     fail=0
     for i in 1 2 3 4 5; do
         if ! ls .gpu/p$i/part-* >/dev/null 2>&1; then
-            echo "missing .gpu/p$i: run the gpu-parts.sh line above"; fail=1
+            echo "missing .gpu/p$i: run the gpu-parts tool as above"; fail=1
         fi
     done
     [[ -f .gpu/p5/WHEEL_NAME && -f .gpu/p5/ort.sha256 ]] || { echo "missing .gpu/p5/WHEEL_NAME or ort.sha256"; fail=1; }
@@ -55,7 +56,7 @@ print(f"{sum(os.path.getsize(n) for n in names if os.path.isfile(n)) / 2**20:.1f
     last=$(awk -v a="$tree" -v b="$p5" -v c="$extra" 'BEGIN {printf "%.1f", a + b + c}')
     echo "call 5 (p5 + extra + tree): ${last} MiB"
     for whl in grpcio- pydantic_core- pydantic- pydantic_settings- python_json_logger- ml_dtypes- nvidia_ml_py- pytest-; do
-        ls .gpu/extra/${whl}*.whl >/dev/null 2>&1 || { echo "extra wheels lack ${whl%-}: add it to gpu-parts.sh's arguments"; fail=1; }
+        ls .gpu/extra/${whl}*.whl >/dev/null 2>&1 || { echo "extra wheels lack ${whl%-}: add it to the gpu-parts tool's arguments"; fail=1; }
     done
     [[ $fail == 0 ]] || exit 1
     if awk -v t="$last" -v l="$CARRY_LIMIT_MIB" 'BEGIN {exit !(t < l - 0.5)}'; then
@@ -114,7 +115,8 @@ step() {
 : > "$OUT/status.txt"
 log "root $ROOT, budget ${BUDGET_S}s"
 
-# 1. onnxruntime-gpu: exactly GPU.md's commands (skipped when this warm machine has it already).
+# 1. onnxruntime-gpu, assembled from the staged parts (skipped when this warm machine has it
+#    already).
 install_onnxruntime_gpu() {
     [[ -f .gpu/p5/WHEEL_NAME ]] || die ".gpu/p5 is missing: carry .gpu/p5 with this call"
     local wheel extra stamp nparts
@@ -142,16 +144,29 @@ install_onnxruntime_gpu() {
     log "installed into $SITE"
 }
 
+# inferd's packages laid out as `pip install .` installs them (pyproject.toml's package-dir:
+# server/inferd -> inferd, loadtest/ -> inferd.loadtest, client/ -> inferd_client, inferd_wire),
+# by copying: the device reaches no package index, and a copy needs no build backend there.
+stage_inferd() {
+    local src=$WORK/src
+    rm -rf "$src"
+    mkdir -p "$src/inferd/loadtest"
+    tar -C server/inferd --exclude=__pycache__ -cf - . | tar -C "$src/inferd" -xf -
+    tar -C loadtest --exclude=__pycache__ --exclude=./results -cf - . | tar -C "$src/inferd/loadtest" -xf -
+    tar -C client --exclude=__pycache__ -cf - inferd_client inferd_wire | tar -C "$src" -xf -
+    echo "$src"
+}
+
 if [[ $REHEARSAL == 1 ]]; then
     log "REHEARSAL on the CPU: no install, demo models stand in for the reference models"
-    export PYTHONPATH=$PWD:$PWD/gen
+    PYTHONPATH=$(stage_inferd)
+    export PYTHONPATH
 else
     install_onnxruntime_gpu
     SP=$(python3 -c "import site; print(site.getsitepackages()[0])")
-    [[ -d $SP/nvidia ]] || die "$SP/nvidia is missing: no CUDA 13 / cuDNN 9 libraries (GPU.md)"
-    # GPU.md's PYTHONPATH, plus gen/: the generated stubs (packages inferd, inference) live
-    # there, and without the editable install nothing else puts them on the path.
-    export PYTHONPATH=$SITE:$PWD:$PWD/gen
+    [[ -d $SP/nvidia ]] || die "$SP/nvidia is missing: no CUDA 13 / cuDNN 9 libraries on this image"
+    PYTHONPATH=$SITE:$(stage_inferd)
+    export PYTHONPATH
     LD_LIBRARY_PATH=$(find "$SP/nvidia" -name 'lib*.so*' -printf '%h\n' | sort -u | paste -sd:)
     export LD_LIBRARY_PATH
 fi
@@ -182,12 +197,12 @@ for module, wheel in wheels.items():
     except Exception as exc:
         missing.append(f"  {module}: {type(exc).__name__}: {exc}  -> add {wheel}")
 if missing:
-    print("missing imports (give these to ../shared/tools/gpu-parts.sh as EXTRA):")
+    print("missing imports (give these to the workplace's gpu-parts tool as EXTRA):")
     print("\n".join(missing))
     sys.exit(1)
 import onnxruntime as ort
-import inferd.app, inferd.loadtest.cli, inferd.loadtest.gpu_bench  # noqa: E401,F401
-import inferd_wire.proto.inferd.v1.predict_pb2, inference.grpc_service_pb2  # noqa: E401,F401  (gen/ on the path)
+import inferd.app, inferd.loadtest.cli, inferd.loadtest.bench.gpu  # noqa: E401,F401
+import inferd_wire.proto.inferd.v1.predict_pb2, inferd_wire.proto.inference.grpc_service_pb2  # noqa: E401,F401
 from inferd.core.runtime.session import cuda_usable
 print("python", sys.version.split()[0], "onnxruntime", ort.__version__, ort.__file__)
 print("providers", ort.get_available_providers())
@@ -223,12 +238,12 @@ step gpu_tests 180 python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider -o 
 
 # 5. In-process ceiling (the figures served throughput is judged against).
 if [[ -f $MODELS/resnet50.onnx ]]; then
-    step ceiling_resnet50 120 python3 -m inferd.loadtest.gpu_bench ceiling --model "$MODELS/resnet50.onnx" --device $DEVICE \
+    step ceiling_resnet50 120 python3 -m inferd.loadtest.bench.gpu ceiling --model "$MODELS/resnet50.onnx" --device $DEVICE \
         --name resnet50 --batches 1,8,32,128 --threads 4 --thread-batches 32 --graph-batches 1,8 \
         --seconds 1.5 --out "$OUT/ceiling_resnet50.json"
 fi
 if [[ -f $MODELS/bert.onnx ]]; then
-    step ceiling_bert 90 python3 -m inferd.loadtest.gpu_bench ceiling --model "$MODELS/bert.onnx" --device $DEVICE \
+    step ceiling_bert 90 python3 -m inferd.loadtest.bench.gpu ceiling --model "$MODELS/bert.onnx" --device $DEVICE \
         --name bert --batches 8,64 --threads 4 --thread-batches 8 --graph-batches "" --seq 128 \
         --seconds 1.5 --out "$OUT/ceiling_bert.json"
 fi
@@ -312,7 +327,7 @@ for d in resnet50_protocols resnet50_peak resnet50_batch1 bert; do
     model=${d%%_*}
     report_args+=(--served "$model=$OUT/served/$d")
 done
-step report 30 python3 -m inferd.loadtest.gpu_bench report "${report_args[@]}" --out "$OUT/summary.md"
+step report 30 python3 -m inferd.loadtest.bench.gpu report "${report_args[@]}" --out "$OUT/summary.md"
 { echo; echo "## Device"; echo; sed 's/^/    /' "$OUT/device.txt"; echo; echo "## Steps"; echo
   sed 's/^/    /' "$OUT/status.txt"; } >> "$OUT/summary.md" 2>/dev/null || true
 

@@ -1,4 +1,4 @@
-"""Reference models for the GPU check, exported with torch on the device (../shared/GPU.md),
+"""Reference models for the GPU check, exported with torch on the device by scripts/gpu_check.sh,
 and the inferd repository that serves them.
 
     python3 scripts/gpu_models.py --out /tmp/inferd-gpu

@@ -3,6 +3,9 @@
 A tensor travels as raw little-endian row-major bytes. BYTES elements travel as a 4-byte
 little-endian length followed by that many bytes. The datatype names are the Open Inference
 Protocol's, so the native API and the OIP frontend describe tensors the same way.
+
+`to_wire` is the one encoder (client requests, server responses) and `from_wire` the one
+decoder (server requests, client responses); the server adds only its own checks.
 """
 
 from __future__ import annotations
@@ -91,27 +94,44 @@ def unpack_bytes_elements(raw: bytes, count: int) -> np.ndarray:
     return out
 
 
-def to_wire(array: np.ndarray) -> tuple[str, list[int], bytes]:
-    """(datatype, shape, contents) for a numpy array."""
-    datatype = datatype_of(array)
-    shape = list(array.shape)
+def element_count(shape: Iterable[int]) -> int:
+    """Elements in a tensor of `shape` (1 for a scalar); Python ints, so never overflows."""
+    count = 1
+    for d in shape:
+        count *= int(d)
+    return count
+
+
+def wire_contents(datatype: str, elements: np.ndarray | Iterable[object]) -> bytes:
+    """The wire contents of `elements` (an array, or a flat sequence of values) as `datatype`:
+    row-major little-endian bytes, or length-prefixed BYTES elements.
+
+    Raises OverflowError or ValueError (from numpy) when a value does not fit the datatype.
+    """
     if datatype == "BYTES":
-        return datatype, shape, pack_bytes_elements(array.reshape(-1))
-    dtype = DTYPES[datatype]
-    return datatype, shape, np.ascontiguousarray(array, dtype=dtype).tobytes()
+        flat = elements.reshape(-1) if isinstance(elements, np.ndarray) else elements
+        return pack_bytes_elements(flat)
+    return np.ascontiguousarray(elements, dtype=DTYPES[datatype]).tobytes()
+
+
+def to_wire(array: np.ndarray) -> tuple[str, list[int], bytes]:
+    """(datatype, shape, contents) for a numpy array: how the client sends inputs and the
+    server sends outputs."""
+    datatype = datatype_of(array)
+    return datatype, list(array.shape), wire_contents(datatype, array)
 
 
 def from_wire(datatype: str, shape: Iterable[int], contents: bytes) -> np.ndarray:
-    """A numpy array from (datatype, shape, contents); fixed-size types are zero-copy views.
+    """A numpy array from (datatype, shape, contents): how the server reads inputs and the
+    client reads outputs. Fixed-size types are zero-copy read-only views; BYTES elements are
+    `bytes` objects. The byte length is checked before anything is allocated.
 
     Raises ValueError when the datatype is unknown or the contents do not match the shape.
     """
     dims = [int(d) for d in shape]
     if any(d < 0 for d in dims):
         raise ValueError(f"shape {dims} has a negative dimension")
-    count = 1
-    for d in dims:
-        count *= d
+    count = element_count(dims)
     if datatype == "BYTES":
         return unpack_bytes_elements(contents, count).reshape(dims)
     dtype = DTYPES.get(datatype)

@@ -11,9 +11,9 @@ import shutil
 from pathlib import Path
 
 from inferd.loadtest.bench.repository import Batching
-from inferd.loadtest.bench.servers import ManagedServer, free_port
 from inferd.loadtest.bench.venvs import ensure_venv, onnxruntime_requirement
-from inferd.loadtest.inprocess import ORT_DATATYPES, create_session
+from inferd.loadtest.server_process import ServerProcess, free_port
+from inferd.loadtest.targets.inprocess import ORT_DATATYPES, create_session
 
 MLSERVER = "mlserver==1.7.1"
 # uvloop 0.22 broke MLServer 1.7.1's inference workers ("There is no current event loop";
@@ -86,7 +86,7 @@ def start_mlserver(
     batching: Batching,
     parallel_workers: int = 0,
     startup_s: float = 120.0,
-) -> ManagedServer:
+) -> ServerProcess:
     """Set up and start `mlserver start`; PeerUnavailable if it cannot run here.
 
     `parallel_workers` 0 runs inference in the server process; MLServer's default (1) sends
@@ -120,14 +120,14 @@ def start_mlserver(
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLSERVER_", "INFERD_"))}
     env["PATH"] = f"{venv / 'bin'}:{env.get('PATH', '/usr/bin:/bin')}"
     env["PYTHONUNBUFFERED"] = "1"
-    server = ManagedServer(
+    server = ServerProcess(
         "mlserver",
         [str(venv / "bin" / "mlserver"), "start", str(root)],
         workdir / "mlserver.log",
         env=env,
         cwd=root,
+        port=grpc_port,
     )
-    server.port = grpc_port
 
     def ready() -> bool:
         text = server.log_text()

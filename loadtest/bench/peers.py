@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 from types import ModuleType
 
+from inferd.loadtest.bench import PROJECT_ROOT
 from inferd.loadtest.bench.mlserver import MLSERVER, start_mlserver
 from inferd.loadtest.bench.repository import batching_of, model_file
 from inferd.loadtest.bench.scenario import (
@@ -25,12 +26,12 @@ from inferd.loadtest.bench.scenario import (
     p99_ms,
     session_tables,
 )
-from inferd.loadtest.bench.servers import PROJECT_ROOT, ManagedServer, ServerStartError
 from inferd.loadtest.bench.triton import PYTRITON, start_triton, triton_version
 from inferd.loadtest.bench.venvs import PeerUnavailable
 from inferd.loadtest.levels import closed_levels
-from inferd.loadtest.oip import OipDriver, stubs_present
-from inferd.loadtest.target import TargetError, TargetSpec
+from inferd.loadtest.server_process import ServerProcess, ServerStartError
+from inferd.loadtest.targets.oip import OipDriver, stubs_present
+from inferd.loadtest.targets.target import TargetError, TargetSpec
 
 PERF_ANALYZER_SCRIPT = PROJECT_ROOT / "scripts" / "perf_analyzer.py"
 
@@ -41,7 +42,7 @@ def inferd_oip_target(ctx: BenchContext, model: str) -> TargetSpec:
         raise ScenarioPending(
             "OIP frontend not present: `from inferd_wire.proto.inference import grpc_service_pb2`"
         )
-    spec = TargetSpec("oip", ctx.inferd.address, model, label="inferd")
+    spec = TargetSpec("oip", ctx.inferd.target, model, label="inferd")
     driver = OipDriver(spec)
     try:
         driver.signature()
@@ -52,7 +53,7 @@ def inferd_oip_target(ctx: BenchContext, model: str) -> TargetSpec:
     return spec
 
 
-def _start_peer(ctx: BenchContext, peer: str, model: str, workers: int) -> ManagedServer:
+def _start_peer(ctx: BenchContext, peer: str, model: str, workers: int) -> ServerProcess:
     file = model_file(ctx.repository, model)
     batching = batching_of(ctx.repository, model)
     if peer == "triton":
@@ -78,7 +79,7 @@ def peers(ctx: BenchContext, scenario: Scenario) -> ScenarioResult:
                 continue
             stack.callback(server.stop)
             label = f"triton {triton_version(server)}" if peer == "triton" else "mlserver 1.7.1"
-            targets.append(TargetSpec("oip", server.address, model, label=label))
+            targets.append(TargetSpec("oip", server.target, model, label=label))
         session = measure(
             ctx,
             scenario,
@@ -178,7 +179,7 @@ def perf_analyzer_check(ctx: BenchContext, scenario: Scenario) -> ScenarioResult
             break
         out = ctx.results / f"s{scenario.id}-perf_analyzer{index + 1}.csv"
         command = [
-            str(binary), "-m", model, "-i", "grpc", "-u", ctx.inferd.address,
+            str(binary), "-m", model, "-i", "grpc", "-u", ctx.inferd.target,
             "--concurrency-range", f"{concurrency}:{concurrency}", "-p", window_ms,
             "-s", stability, "--max-trials", trials, "-f", str(out),
         ]  # fmt: skip

@@ -12,14 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from inferd.loadtest.bench.servers import ManagedServer
 from inferd.loadtest.latency import LatencySummary
 from inferd.loadtest.levels import LoadLevel
 from inferd.loadtest.plots import write_plots
 from inferd.loadtest.report import ratios, table_rows, write_json
 from inferd.loadtest.runner import MeasurementPlan
+from inferd.loadtest.server_process import InferdProcess
 from inferd.loadtest.session import SessionReport, Workload, run_session
-from inferd.loadtest.target import TargetSpec
+from inferd.loadtest.targets.target import TargetSpec
 
 SCENARIO_DIR = Path(__file__).resolve().parents[1] / "scenarios"
 
@@ -65,7 +65,7 @@ class BenchContext:
     # Where plots (for the document) and JSON reports go.
     figures: Path
     results: Path
-    inferd: ManagedServer
+    inferd: InferdProcess
     # The document being written (figure links are relative to it).
     document: Path
     progress: bool = True

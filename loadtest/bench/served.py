@@ -20,10 +20,10 @@ from inferd.loadtest.bench.scenario import (
 )
 from inferd.loadtest.inputs import parse_shapes
 from inferd.loadtest.levels import LoadLevel, closed_levels
-from inferd.loadtest.oip import OipDriver, stubs_present
 from inferd.loadtest.runner import LevelResult
 from inferd.loadtest.session import Workload
-from inferd.loadtest.target import TargetError, TargetSpec
+from inferd.loadtest.targets.oip import OipDriver, stubs_present
+from inferd.loadtest.targets.target import TargetError, TargetSpec
 
 
 def _levels(values: list[int]) -> list[LoadLevel]:
@@ -31,7 +31,7 @@ def _levels(values: list[int]) -> list[LoadLevel]:
 
 
 def _native(ctx: BenchContext, model: str, label: str = "") -> TargetSpec:
-    return TargetSpec("native", ctx.inferd.address, model, label=label or f"inferd/{model}")
+    return TargetSpec("native", ctx.inferd.target, model, label=label or f"inferd/{model}")
 
 
 def _inprocess(
@@ -269,7 +269,7 @@ def native_vs_oip(ctx: BenchContext, scenario: Scenario) -> ScenarioResult:
         raise ScenarioPending(
             "OIP frontend not present: `from inferd_wire.proto.inference import grpc_service_pb2`"
         )
-    oip = TargetSpec("oip", ctx.inferd.address, model, label=f"oip/{model}")
+    oip = TargetSpec("oip", ctx.inferd.target, model, label=f"oip/{model}")
     driver = OipDriver(oip)
     try:
         driver.signature()

@@ -18,7 +18,7 @@ from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
-from inferd.loadtest.bench import peers, served
+from inferd.loadtest.bench import PROJECT_ROOT, peers, served
 from inferd.loadtest.bench.document import write_document
 from inferd.loadtest.bench.repository import build_bench_repository
 from inferd.loadtest.bench.scenario import (
@@ -28,7 +28,7 @@ from inferd.loadtest.bench.scenario import (
     ScenarioResult,
     load_scenarios,
 )
-from inferd.loadtest.bench.servers import PROJECT_ROOT, ServerStartError, start_inferd
+from inferd.loadtest.server_process import ServerStartError, start_inferd
 
 RUNNERS: dict[str, Callable[[BenchContext, Scenario], ScenarioResult]] = {
     "batching_gain": served.batching_gain,
@@ -93,9 +93,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     figures = document.parent / "benchmarks"
     shutil.rmtree(figures, ignore_errors=True)
     repository = build_bench_repository(workdir / "repository")
+    inferd_log = workdir / "inferd.log"
     began = time.monotonic()
     try:
-        inferd = start_inferd(repository, workdir)
+        inferd = start_inferd(repository, inferd_log, metrics=False)
     except ServerStartError as exc:
         print(f"bench: inferd did not start: {exc}", file=sys.stderr)
         return 1
@@ -123,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"    {what.strip()}: {value}", flush=True)
             if inferd.process.poll() is not None:
                 print(f"bench: inferd exited; log tail:\n{inferd.log_tail()}", file=sys.stderr)
-                inferd = ctx.inferd = start_inferd(repository, workdir)
+                inferd = ctx.inferd = start_inferd(repository, inferd_log, metrics=False)
     finally:
         ctx.inferd.stop()
     plan = scenarios[0].plan if scenarios else load_scenarios()[0].plan

@@ -14,14 +14,14 @@ import shutil
 from pathlib import Path
 
 from inferd.loadtest.bench.repository import Batching
-from inferd.loadtest.bench.servers import ManagedServer, free_port
 from inferd.loadtest.bench.venvs import (
     PeerUnavailable,
     ensure_venv,
     onnxruntime_requirement,
     venv_python_value,
 )
-from inferd.loadtest.inprocess import create_session
+from inferd.loadtest.server_process import ServerProcess, free_port
+from inferd.loadtest.targets.inprocess import create_session
 
 PYTRITON = "nvidia-pytriton==0.7.0"
 TRITON_TYPES = {
@@ -112,7 +112,7 @@ def model_config(name: str, model_file: Path, batching: Batching) -> str:
 
 def start_triton(
     workdir: Path, name: str, model_file: Path, batching: Batching, startup_s: float = 120.0
-) -> ManagedServer:
+) -> ServerProcess:
     """Set up (venv, binaries, repository) and start tritonserver; PeerUnavailable if it
     cannot run here."""
     venv = ensure_venv("triton", [PYTRITON, onnxruntime_requirement(), "numpy"])
@@ -144,7 +144,7 @@ def start_triton(
         "LD_LIBRARY_PATH": f"{libdir}:{site / 'nvidia_pytriton.libs'}",
         "HOME": str(workdir),
     }
-    server = ManagedServer(
+    server = ServerProcess(
         "tritonserver",
         [
             str(server_dir / "bin" / "tritonserver"),
@@ -161,15 +161,15 @@ def start_triton(
         workdir / "tritonserver.log",
         env=env,
         cwd=workdir,
+        port=grpc_port,
     )
-    server.port = grpc_port
     server.wait_until(
         lambda: "Started GRPCInferenceService" in server.log_text(), startup_s, "GRPC service"
     )
     return server
 
 
-def triton_version(server: ManagedServer) -> str:
+def triton_version(server: ServerProcess) -> str:
     for line in server.log_text().splitlines():
         if "server_version" in line:
             return line.split("|")[-2].strip() if "|" in line else line.strip()

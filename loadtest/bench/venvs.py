@@ -9,7 +9,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from inferd.loadtest.bench.servers import PROJECT_ROOT
+from inferd.loadtest.bench import PROJECT_ROOT
 
 VENV_ROOT = PROJECT_ROOT / ".bench" / "venvs"
 INSTALL_TIMEOUT_S = 1200.0

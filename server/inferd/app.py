@@ -10,12 +10,15 @@ import time
 from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pool
+from google.protobuf.descriptor import FileDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 from opentelemetry.sdk.trace import SpanProcessor
 
 from inferd.api.control_auth import ControlAuth
+from inferd.api.dataplane import DataPlane
 from inferd.api.inference import Limits
 from inferd.api.native import ModelStatusServicer, PredictServicer
 from inferd.api.native_repository import ModelRepositoryServicer
@@ -55,6 +58,35 @@ SERVICE_NAMES = (
     model_repository_pb2.DESCRIPTOR.services_by_name["ModelRepository"].full_name,
     grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
 )
+
+
+def reflection_pool() -> descriptor_pool.DescriptorPool:
+    """Every file the served services are defined in, with their imports, in one pool.
+
+    Reflection answers from a single pool, but the Open Inference Protocol's messages live in
+    inferd's own (`inferd_wire.pool`, beside tritonclient's `inference` package) and the rest in
+    protobuf's default pool."""
+    pool = descriptor_pool.DescriptorPool()
+    added: set[str] = set()
+
+    def add(file: FileDescriptor) -> None:
+        if file.name in added:
+            return
+        for dependency in file.dependencies:
+            add(dependency)
+        pool.AddSerializedFile(file.serialized_pb)
+        added.add(file.name)
+
+    for module in (
+        predict_pb2,
+        model_status_pb2,
+        model_repository_pb2,
+        grpc_service_pb2,
+        health_pb2,
+        reflection_pb2,
+    ):
+        add(module.DESCRIPTOR)
+    return pool
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
@@ -101,6 +133,13 @@ class InferenceServer:
         )
         token = config.control_token.get_secret_value() if config.control_token else None
         self.control_auth = ControlAuth(token)
+        # Both protocols' frontends translate into this one object.
+        self.dataplane = DataPlane(
+            self.registry,
+            Limits(max_elements=config.max_elements_per_request),
+            self.observer,
+            self.request_tracing,
+        )
         self.health = HealthServicer()
         self.port = 0
         self.metrics_port = 0
@@ -119,30 +158,17 @@ class InferenceServer:
             interceptors=interceptors, options=channel_options(c.max_message_bytes)
         )
         predict_pb2_grpc.add_PredictServicer_to_server(
-            PredictServicer(
-                self.registry,
-                Limits(max_elements=c.max_elements_per_request),
-                self.observer,
-                self.request_tracing,
-                stream_window=c.stream_window,
-            ),
-            server,
+            PredictServicer(self.dataplane, stream_window=c.stream_window), server
         )
         model_status_pb2_grpc.add_ModelStatusServicer_to_server(
-            ModelStatusServicer(self.registry), server
+            ModelStatusServicer(self.dataplane), server
         )
         model_repository_pb2_grpc.add_ModelRepositoryServicer_to_server(
             ModelRepositoryServicer(self.controller, self.control_auth), server
         )
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             GRPCInferenceServicer(
-                self.registry,
-                Limits(max_elements=c.max_elements_per_request),
-                self.observer,
-                self.request_tracing,
-                self.controller,
-                self.control_auth,
-                stream_window=c.stream_window,
+                self.dataplane, self.controller, self.control_auth, stream_window=c.stream_window
             ),
             server,
         )
@@ -154,6 +180,7 @@ class InferenceServer:
                 reflection.SERVICE_NAME,
             ),
             server,
+            pool=reflection_pool(),
         )
         self.port = server.add_insecure_port(f"{c.host}:{c.port}")
         await server.start()

@@ -9,12 +9,15 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from inferd.core.batching.batcher import BatchingPolicy
-from inferd.core.models.config import ModelConfig, ModelDefaults, load_model_config
+from inferd.core.batching.policy import BatchingPolicy
+from inferd.core.models.config import (
+    EffectiveConfig,
+    ModelConfig,
+    ModelDefaults,
+    load_model_config,
+)
 from inferd.core.models.control import READY_MARKER
-from inferd.core.models.registry import batching_policy
 from inferd.core.models.repository import CONFIG_FILE, MODEL_FILE, validate_model_name
-from inferd.core.models.signature import derive_signature
 from inferd.core.runtime.session import OnnxRuntimeSession, resolve_providers
 from inferd.core.types import ModelSignature
 
@@ -33,12 +36,16 @@ def validate(
     reason when it would fail to load."""
     config = config or ModelConfig()
     defaults = defaults or ModelDefaults()
-    session = OnnxRuntimeSession(model_file, resolve_providers(["cpu"], {}), name="validate")
+    session = OnnxRuntimeSession(
+        model_file,
+        resolve_providers(["cpu"], {}),
+        name="validate",
+        config=config,
+        defaults=defaults,
+    )
     try:
-        signature = derive_signature(session.inputs, session.outputs, config, defaults)
-        return Validation(
-            signature, batching_policy(config, signature, defaults), session.providers
-        )
+        policy = EffectiveConfig.merge(config, defaults).batching_policy(session.signature)
+        return Validation(session.signature, policy, session.providers)
     finally:
         session.close()
 

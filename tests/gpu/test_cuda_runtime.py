@@ -180,7 +180,8 @@ def test_registry_serves_on_cuda_with_buckets(demo_models: Path) -> None:
             instances=2,
             execution_providers=("cuda",),
         )
-        version = await registry.load_version("mlp", 1, path, config)
+        await registry.load_version("mlp", 1, path, config)
+        version = registry.resolve("mlp", 1)
         try:
             assert version.providers[0] == CUDA_EP
             return await asyncio.wait_for(

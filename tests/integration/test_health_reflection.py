@@ -102,6 +102,32 @@ def test_reflection_describes_predict(channel):
     assert not methods["Predict"].client_streaming and not methods["Predict"].server_streaming
 
 
+def test_reflection_describes_the_open_inference_protocol(channel):
+    """Its messages live in inferd's own descriptor pool (beside tritonclient's), yet grpcurl
+    and other reflection clients see them like any other service."""
+    response = _reflect(channel, file_containing_symbol="inference.GRPCInferenceService")
+    assert response.WhichOneof("message_response") == "file_descriptor_response", response
+    files = {
+        proto.name: proto
+        for proto in map(
+            descriptor_pb2.FileDescriptorProto.FromString,
+            response.file_descriptor_response.file_descriptor_proto,
+        )
+    }
+    service = files["inference/grpc_service.proto"]
+    assert service.package == "inference"
+    assert "inference/model_config.proto" in service.dependency
+    (grpc_service,) = service.service
+    assert {"ModelInfer", "ModelStreamInfer", "ModelMetadata"} <= {
+        m.name for m in grpc_service.method
+    }
+
+
+def test_reflection_describes_health(channel):
+    response = _reflect(channel, file_containing_symbol="grpc.health.v1.Health")
+    assert response.WhichOneof("message_response") == "file_descriptor_response", response
+
+
 def test_reflection_of_unknown_symbol_is_not_found(channel):
     response = _reflect(channel, file_containing_symbol="inferd.v1.NoSuchThing")
     assert response.WhichOneof("message_response") == "error_response"

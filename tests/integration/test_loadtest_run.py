@@ -1,7 +1,7 @@
-"""A short, real load test: `python -m inferd.loadtest` against an inferd server subprocess on
-the demo
-models, closed and open loop, produces a complete report with no errors, and its server-side
-split matches what the server counted."""
+"""A short, real load test: `python -m inferd.loadtest` (run outside the checkout, so the
+installed harness is what runs) against an inferd server subprocess on the demo models, closed
+and open loop, produces a complete report with no errors, and its server-side split matches
+what the server counted."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from integration_support import PROJECT_ROOT, ServerProcess
+from integration_support import ServerProcess
 
-from inferd.loadtest.oip import stubs_present
+from inferd.loadtest.targets.oip import stubs_present
 
 # Each level: 0.5 s warm-up, then exactly 1.5 s measured (3 windows of 0.5 s).
 FAST = ["--warmup", "0.5", "--window", "0.5", "--duration", "1.5", "--quiet", "--workers", "2"]
@@ -24,11 +24,11 @@ RUN_TIMEOUT = 120
 
 def run_loadtest(args: list[str], out: Path) -> dict[str, Any]:
     done = subprocess.run(
-        [sys.executable, "-m", "loadtest", *args, *FAST, "--out", str(out)],
+        [sys.executable, "-m", "inferd.loadtest", *args, *FAST, "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=RUN_TIMEOUT,
-        cwd=PROJECT_ROOT,
+        cwd=out,
         check=False,
     )
     assert done.returncode == 0, f"loadtest failed:\n{done.stdout}\n{done.stderr}"
@@ -105,13 +105,21 @@ def test_compare_prints_ratios_against_the_first_target(
     assert report["targets"][-1]["levels"][0]["server"] is None
 
 
-def test_non_loopback_targets_are_refused_before_any_load() -> None:
+def test_non_loopback_targets_are_refused_before_any_load(tmp_path: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "loadtest", "--target", "native:10.1.2.3:8001", "--model", "mlp"],
+        [
+            sys.executable,
+            "-m",
+            "inferd.loadtest",
+            "--target",
+            "native:10.1.2.3:8001",
+            "--model",
+            "mlp",
+        ],
         capture_output=True,
         text=True,
         timeout=60,
-        cwd=PROJECT_ROOT,
+        cwd=tmp_path,
         check=False,
     )
     assert done.returncode == 2

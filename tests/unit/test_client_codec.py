@@ -25,6 +25,7 @@ from inferd_client.errors import (
     error_from_status,
 )
 from inferd_client.types import StreamRequest
+from inferd_wire import codec
 from inferd_wire.proto.inferd.v1 import model_status_pb2, predict_pb2, tensor_pb2
 
 # --- health codec ----------------------------------------------------------------------------
@@ -221,6 +222,65 @@ def test_metadata_conversion() -> None:
     message = model_status_pb2.ModelMetadata(name="m", version=1, versions=[1])
     metadata = _convert.model_metadata(message)
     assert metadata.batching == {} and metadata.inputs == () and metadata.versions == (1,)
+
+
+# --- tensor codec (inferd_wire.codec: the one encoder and decoder, client and server) ------
+
+
+@pytest.mark.parametrize("datatype", [d for d in codec.DTYPES if d != "BYTES"])
+def test_every_fixed_size_datatype_round_trips_through_the_wire(datatype: str) -> None:
+    array = np.arange(6).astype(codec.DTYPES[datatype]).reshape(2, 3)
+    wire = codec.to_wire(array)
+    assert wire == (datatype, [2, 3], array.tobytes())
+    back = codec.from_wire(*wire)
+    assert back.dtype == codec.DTYPES[datatype] and back.tobytes() == array.tobytes()
+    assert not back.flags.writeable  # a view of the received bytes
+
+
+def test_big_endian_array_is_sent_little_endian() -> None:
+    array = np.array([1, 256], dtype=">i4")
+    datatype, _, contents = codec.to_wire(array)
+    assert (datatype, contents) == ("INT32", b"\1\0\0\0\0\1\0\0")
+
+
+def test_str_and_bytes_arrays_travel_as_bytes_elements_in_row_major_order() -> None:
+    array = np.array([["a", "é"], ["", "bc"]])
+    datatype, shape, contents = codec.to_wire(array)
+    assert (datatype, shape) == ("BYTES", [2, 2])
+    assert contents == b"\1\0\0\0a\2\0\0\0\xc3\xa9\0\0\0\0\2\0\0\0bc"
+    back = codec.from_wire(datatype, shape, contents)
+    assert back.tolist() == [[b"a", "é".encode()], [b"", b"bc"]]
+
+
+def test_wire_contents_of_a_flat_sequence_match_those_of_an_array() -> None:
+    assert codec.wire_contents("INT16", [1, -2]) == np.array([1, -2], "<i2").tobytes()
+    assert codec.wire_contents("BYTES", [b"x", "y"]) == b"\1\0\0\0x\1\0\0\0y"
+
+
+def test_element_count_of_a_scalar_is_one_and_never_overflows() -> None:
+    assert codec.element_count([]) == 1
+    assert codec.element_count([2, 0, 5]) == 0
+    assert codec.element_count([2**40, 2**40]) == 2**80
+
+
+@pytest.mark.parametrize(
+    ("datatype", "shape", "contents", "message"),
+    [
+        ("FP32", [2], b"\0" * 7, "contents hold 7 bytes; shape [2] of FP32 needs 8"),
+        ("FP32", [-1, 2], b"", "shape [-1, 2] has a negative dimension"),
+        ("FP128", [1], b"\0" * 16, "unknown datatype 'FP128'; expected one of BOOL, "),
+        ("BYTES", [2], b"\1\0\0\0ab\0\0", "BYTES element 1: length prefix runs past the end"),
+        ("BYTES", [1], b"\1\0\0\0ab", "1 bytes left over after 1 BYTES elements"),
+        ("BYTES", [2**40], b"", "0 bytes cannot hold 1099511627776 BYTES elements"),
+        ("INT64", [2**40, 2**40], b"", "needs 9671406556917033397649408"),
+    ],
+)
+def test_from_wire_refuses_contents_that_do_not_match_before_allocating(
+    datatype: str, shape: list[int], contents: bytes, message: str
+) -> None:
+    with pytest.raises(ValueError) as info:
+        codec.from_wire(datatype, shape, contents)
+    assert message in str(info.value)
 
 
 # --- shared helpers --------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from inferd.loadtest.inputs import (
     parse_shapes,
     rows_of,
 )
-from inferd.loadtest.target import TargetError, parse_target, require_loopback
+from inferd.loadtest.targets.target import TargetError, parse_target, require_loopback
 
 MLP = ModelSignature("mlp", (TensorSpec("input", "FP32", (-1, 64)),), batched=True)
 TEXT = ModelSignature(
@@ -104,3 +104,63 @@ def test_inputs_come_from_npy_and_npz_files(tmp_path: Path) -> None:
     np.testing.assert_array_equal(from_npz["input"], data * 2)
     with pytest.raises(InputError, match="no such input"):
         build_payloads(MLP, files={"image": data})
+
+
+# --- module structure -----------------------------------------------------------------------
+
+
+def _harness_imports() -> dict[str, set[str]]:
+    """Every harness module -> the harness modules it imports, at the top or inside a function
+    (a lazy import still ties the two modules together)."""
+    import ast
+
+    import inferd.loadtest
+
+    root = Path(inferd.loadtest.__file__).parent
+    modules: dict[str, Path] = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        modules[".".join(("inferd.loadtest", *parts))] = path
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                # `from pkg import module` imports pkg.module; `from module import name`, module.
+                found.update(
+                    f"{node.module}.{alias.name}"
+                    if f"{node.module}.{alias.name}" in modules
+                    else node.module
+                    for alias in node.names
+                )
+        graph[name] = {m for m in found if m in modules and m != name}
+    return graph
+
+
+def test_harness_modules_import_each_other_without_a_cycle() -> None:
+    graph = _harness_imports()
+    assert "inferd.loadtest.targets.native" in graph
+    done: set[str] = set()
+
+    def visit(module: str, path: tuple[str, ...]) -> None:
+        assert module not in path, "import cycle: " + " -> ".join((*path, module))
+        if module in done:
+            return
+        for imported in sorted(graph[module]):
+            visit(imported, (*path, module))
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module, ())
+
+
+def test_target_kinds_depend_on_the_shared_target_module_not_on_the_runner() -> None:
+    graph = _harness_imports()
+    for kind in ("native", "oip", "inprocess"):
+        imported = graph[f"inferd.loadtest.targets.{kind}"]
+        assert "inferd.loadtest.targets.target" in imported
+        assert not imported & {"inferd.loadtest.runner", "inferd.loadtest.session"}

@@ -135,8 +135,7 @@ class _RecordingSession:
         self._path = path
         self._recorder = recorder
         self.providers = inner.providers
-        self.inputs = inner.inputs
-        self.outputs = inner.outputs
+        self.signature = inner.signature
 
     async def execute(
         self, batch: Sequence[Mapping[str, np.ndarray]], outputs: Sequence[str]
@@ -385,7 +384,8 @@ async def test_failed_reload_of_a_ready_version_keeps_the_old_files_serving(
     assert reloaded is not serving and reloaded is not None
     assert reloaded.state is ModelState.READY and reloaded.reason == ""
     assert await answer(controller) == (1, 10.0)
-    assert serving.session is None and serving.batcher is None, "the old session was freed"
+    assert serving.loaded is not None and serving.loaded.batcher.closed, "the old files drained"
+    assert recorder.closed == [v1], "the old session was freed, and only it"
 
 
 # --- removal and version policy ----------------------------------------------------------------
@@ -404,7 +404,8 @@ async def test_versions_removed_from_disk_are_unloaded(
     shutil.rmtree(v2)
     await scan(controller)
     assert states(controller) == {1: ModelState.READY, 2: ModelState.UNLOADED}
-    assert removed is not None and removed.session is None and removed.batcher is None
+    assert removed is not None and removed.loaded is not None and removed.loaded.batcher.closed
+    assert recorder_of(controller).closed == [v2 / "model.onnx"], "its session was freed"
     assert await answer(controller) == (1, 1.0)
 
     shutil.rmtree(tmp_path / MODEL)

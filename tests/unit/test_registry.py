@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -16,19 +18,22 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
+from inferd.core.batching.policy import BatchingPolicy
 from inferd.core.errors import InvalidInput, ModelNotFound, Unavailable
+from inferd.core.models import signature as signature_module
 from inferd.core.models.config import ModelConfig, ModelDefaults
 from inferd.core.models.control import ModelController
 from inferd.core.models.registry import (
+    LoadedVersion,
     ModelRegistry,
     ModelSession,
     ModelStatusEvent,
-    ModelVersion,
     onnxruntime_session,
 )
 from inferd.core.models.repository import ModelRepository
 from inferd.core.observer import Observer
-from inferd.core.types import InferRequest, ModelState, TensorSpec
+from inferd.core.runtime.session import OnnxRuntimeSession
+from inferd.core.types import InferRequest, ModelSignature, ModelState, TensorSpec
 from inferd.demo_models import IR_VERSION, MLP_CONFIG, build_echo_bytes, build_mlp, write_model
 
 # Real threads run here (session loading, ORT): bound every wait in real seconds.
@@ -125,19 +130,20 @@ async def test_load_repository_puts_every_version_ready(tmp_path: Path) -> None:
     registry = await loaded(tmp_path, log)
     try:
         assert registry.model_names() == ["echo_bytes", "mlp"]
+        mlp_version = registry.get("mlp", 1)
+        assert mlp_version is not None and mlp_version.state is ModelState.READY
+        assert mlp_version.reason == ""
         mlp = registry.resolve("mlp")
-        assert mlp.state is ModelState.READY
-        assert mlp.reason == ""
+        assert mlp is mlp_version.loaded, "routing hands out the READY version's loaded whole"
+        assert (mlp.name, mlp.version) == ("mlp", 1)
         assert "CPUExecutionProvider" in mlp.providers
-        assert mlp.signature is not None
         assert mlp.signature.max_batch_size == 64
         assert mlp.signature.inputs == (TensorSpec("input", "FP32", (64,)),)
         assert mlp.signature.outputs == (TensorSpec("probabilities", "FP32", (10,)),)
-        assert mlp.policy is not None
         assert mlp.policy.max_queue_delay == pytest.approx(200e-6)
+        assert mlp.default_timeout is None, "no timeout configured anywhere"
+        assert states(registry, "echo_bytes") == {1: ModelState.READY}
         echo = registry.resolve("echo_bytes")
-        assert echo.state is ModelState.READY
-        assert echo.signature is not None
         assert echo.signature.max_batch_size == 32, "no config: the server default"
         assert echo.signature.inputs == (TensorSpec("text", "BYTES", ()),)
         for name in ("echo_bytes", "mlp"):
@@ -182,12 +188,12 @@ async def test_corrupt_model_fails_with_a_reason_while_others_serve(tmp_path: Pa
         failed = registry.versions("mlp")[1]
         assert failed.reason.startswith(f"loading {corrupt} failed: ")
         assert "\n" not in failed.reason
-        assert failed.batcher is None and failed.session is None
+        assert failed.loaded is None
         # The newest READY version serves; the FAILED one is not routable.
         assert registry.resolve("mlp").version == 1
         with pytest.raises(ModelNotFound, match=r"version 2 is FAILED; ready versions: \[1\]"):
             registry.resolve("mlp", 2)
-        assert registry.resolve("echo_bytes").state is ModelState.READY
+        assert states(registry, "echo_bytes") == {1: ModelState.READY}
         result = await registry.resolve("mlp").infer(mlp_request())
         assert result.outputs["probabilities"].shape == (1, 10)
     finally:
@@ -217,12 +223,73 @@ async def test_config_that_cannot_apply_to_the_graph_fails_the_version(tmp_path:
         assert fixed.state is ModelState.FAILED
         assert "max_batch_size is 4 but tensor 'x'" in fixed.reason
         unbatched = registry.resolve("unbatched")
-        assert unbatched.signature is not None
         assert unbatched.signature.max_batch_size == 0
         assert unbatched.signature.inputs == (TensorSpec("x", "FP32", (2, 3)),)
         mlp = registry.versions("mlp")[0]
         assert mlp.state is ModelState.FAILED
         assert "preferred batch size 64" in mlp.reason
+    finally:
+        await registry.shutdown()
+
+
+async def test_loaded_version_runs_with_its_config_over_the_server_defaults(
+    tmp_path: Path,
+) -> None:
+    write_model(build_mlp(), tmp_path, "plain", 1)
+    write_model(
+        build_mlp(),
+        tmp_path,
+        "configured",
+        1,
+        "max_queue_delay_us = 0\nmax_queue_size = 7\ndefault_timeout_us = 0\n",
+    )
+    defaults = ModelDefaults(
+        max_batch_size=16,
+        max_queue_delay_us=300,
+        max_queue_size=99,
+        instances=2,
+        default_timeout_us=2_500_000,
+        execution_providers=("cpu",),
+    )
+    registry = ModelRegistry(defaults)
+    async with asyncio.timeout(WAIT):
+        await ModelController(registry, ModelRepository(tmp_path)).start()
+    try:
+        plain = registry.resolve("plain")
+        assert plain.policy == BatchingPolicy(
+            max_batch_size=16, max_queue_delay=300e-6, max_queue_size=99, instances=2
+        )
+        assert plain.default_timeout == 2.5
+        assert plain.providers == ("CPUExecutionProvider",)
+        configured = registry.resolve("configured")
+        assert configured.policy == BatchingPolicy(
+            max_batch_size=16, max_queue_delay=0.0, max_queue_size=7, instances=2
+        ), "the config's values, even 0, win over the defaults"
+        assert configured.default_timeout is None, "0 in the config: no timeout"
+    finally:
+        await registry.shutdown()
+
+
+async def test_a_load_derives_the_signature_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = signature_module.derive_signature
+    calls: list[tuple[Any, ...]] = []
+
+    def counting(*args: Any, **kwargs: Any) -> ModelSignature:
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    # Wherever inferd imported it from: every module holding the function gets the counter.
+    for module in list(sys.modules.values()):
+        name = getattr(module, "__name__", "")
+        if name.startswith("inferd") and getattr(module, "derive_signature", None) is original:
+            monkeypatch.setattr(module, "derive_signature", counting)
+    write_model(build_mlp(), tmp_path, "mlp", 1, MLP_CONFIG)
+    registry = await loaded(tmp_path)
+    try:
+        assert registry.resolve("mlp").signature.max_batch_size == 64
+        assert len(calls) == 1
     finally:
         await registry.shutdown()
 
@@ -371,12 +438,12 @@ async def test_shutdown_answers_queued_requests_then_refuses(tmp_path: Path) -> 
     )
     three_queued = QueueDepthReached(3)
     registry = await loaded(tmp_path, three_queued)
-    version: ModelVersion = registry.resolve("mlp")
+    version: LoadedVersion = registry.resolve("mlp")
     requests = [mlp_request(rows=2, seed=i) for i in range(3)]
     tasks = [asyncio.create_task(version.infer(r)) for r in requests]
     async with asyncio.timeout(WAIT):
         await three_queued.reached.wait()
-        assert version.batcher is not None and version.batcher.queued == 3
+        assert version.batcher.queued == 3
         started = time.monotonic()
         await registry.shutdown()
     assert time.monotonic() - started < 4.0, "shutdown waited for the queue delay"
@@ -389,8 +456,9 @@ async def test_shutdown_answers_queued_requests_then_refuses(tmp_path: Path) -> 
         )
         assert task.result().batch_rows == 6
     assert not registry.accepting
-    assert version.state is ModelState.UNLOADED
-    assert version.batcher is None and version.session is None
+    assert states(registry, "mlp") == {1: ModelState.UNLOADED}
+    assert version.batcher.closed
+    assert isinstance(version.session, OnnxRuntimeSession) and version.session.closed
     with pytest.raises(Unavailable, match="shutting down"):
         registry.resolve("mlp")
     with pytest.raises(Unavailable):
@@ -401,11 +469,14 @@ async def test_version_still_loading_at_shutdown_is_not_left_ready(tmp_path: Pat
     write_model(build_mlp(), tmp_path, "mlp", 1)
     gate = threading.Event()
 
+    opened: list[ModelSession] = []
+
     def gated_onnxruntime_session(
         path: Path, config: ModelConfig, defaults: ModelDefaults, name: str
     ) -> ModelSession:
         gate.wait(WAIT)
-        return onnxruntime_session(path, config, defaults, name)
+        opened.append(onnxruntime_session(path, config, defaults, name))
+        return opened[-1]
 
     log = StateLog()
     registry = ModelRegistry(observer=log, session_factory=gated_onnxruntime_session)
@@ -421,7 +492,8 @@ async def test_version_still_loading_at_shutdown_is_not_left_ready(tmp_path: Pat
     version = registry.versions("mlp")[0]
     try:
         assert version.state is not ModelState.READY
-        assert version.session is None and version.batcher is None
+        assert version.loaded is None
+        assert [isinstance(s, OnnxRuntimeSession) and s.closed for s in opened] == [True]
     finally:
-        if version.session is not None:
-            version.session.close()
+        for session in opened:
+            session.close()

@@ -6,7 +6,9 @@ alone, unpadded, and checks each request gets exactly its own rows back."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -179,6 +181,22 @@ def test_two_input_model_with_variable_sequence_pads_every_input(repo: Path, clo
         assert_each_request_gets_its_own_rows(batch, s.run_batch(batch, ()).outputs, reference)
 
 
+@pytest.mark.parametrize("io_binding", [None, True])
+def test_close_releases_the_onnxruntime_sessions_while_the_object_lives(
+    repo: Path, io_binding: bool | None
+) -> None:
+    """An unloaded version keeps its (closed) session object: closing must free the ONNX
+    Runtime sessions and buffers now, not when the object is dropped."""
+    s = session(repo, "mlp", instances=2, io_binding=io_binding, session_per_instance=True)
+    s.run_batch([mlp_request(2, seed=1)], ())
+    released = [weakref.ref(ort_session) for ort_session in s._sessions]
+    assert len(released) == 2
+    s.close()
+    gc.collect()
+    assert s.closed
+    assert [ref() for ref in released] == [None, None]
+
+
 def test_a_slots_next_batch_does_not_change_earlier_results(repo: Path, closing: list) -> None:
     """Staging buffers are reused batch after batch: results must never be views of them."""
     closing.append(s := session(repo, "mlp", max_batch_size=8, batch_buckets=[8]))
@@ -195,7 +213,8 @@ async def test_padding_never_leaks_through_the_registry(repo: Path) -> None:
     config = ModelConfig(
         max_batch_size=16, batch_buckets=(16,), max_queue_delay_us=200_000, instances=1
     )
-    version = await registry.load_version("mlp", 1, model(repo, "mlp"), config)
+    await registry.load_version("mlp", 1, model(repo, "mlp"), config)
+    version = registry.resolve("mlp", 1)
     reference = session(repo, "mlp", max_batch_size=16)
     try:
         requests = [mlp_request(n, seed=n) for n in (1, 2, 3)]

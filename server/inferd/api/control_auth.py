@@ -1,10 +1,14 @@
-"""Bearer-token check for control-plane RPCs (both protocols' repository services)."""
+"""Bearer-token check for control-plane RPCs (both protocols' repository services): a servicer
+with a `control_auth` marks each control RPC `@requires_control_token`."""
 
 from __future__ import annotations
 
+import functools
 import hmac
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, TypeVar, cast
+
+import grpc
 
 from inferd.core.errors import FailedPrecondition, PermissionDenied, Unauthenticated
 
@@ -35,3 +39,25 @@ class ControlAuth:
             raise Unauthenticated("metadata 'authorization' must be 'Bearer <token>'")
         if not hmac.compare_digest(credential.strip().encode(), self._token):
             raise PermissionDenied("the bearer token does not grant control RPCs")
+
+
+class ControlServicer(Protocol):
+    control_auth: ControlAuth
+
+
+Method = TypeVar("Method", bound=Callable[..., Any])
+
+
+def requires_control_token(method: Method) -> Method:
+    """A unary servicer method that runs only when `ControlAuth.check` passes; its errors
+    (FAILED_PRECONDITION, UNAUTHENTICATED, PERMISSION_DENIED) become statuses through
+    `@abort_on_error`, which must wrap this decorator."""
+
+    @functools.wraps(method)
+    async def checked(
+        self: ControlServicer, request: object, context: grpc.aio.ServicerContext
+    ) -> object:
+        self.control_auth.check(context.invocation_metadata())
+        return await method(self, request, context)
+
+    return cast(Method, checked)

@@ -1,22 +1,17 @@
 """Request decoding and validation shared by every frontend (native and Open Inference
-Protocol): a wire tensor is checked against the model's signature and the server's limits
-before any array is built, then viewed in place with np.frombuffer."""
+Protocol), called by the data plane (`server/inferd/api/dataplane.py`): a wire tensor is checked
+against the model's signature and the server's limits before any array is built, then decoded
+by the wire codec (`inferd_wire.codec.from_wire`, the client's decoder too)."""
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
-from inferd.api.status import status_code
-from inferd.core.errors import InferdError, InvalidInput
-from inferd.core.models.registry import ModelRegistry, ModelVersion
-from inferd.core.observer import Observer
-from inferd.core.types import Array, InferRequest, InferResult, ModelSignature
-from inferd_wire.codec import DTYPES, unpack_bytes_elements
+from inferd.core.errors import InvalidInput
+from inferd.core.types import Array, ModelSignature
+from inferd_wire.codec import element_count, from_wire
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,54 +22,6 @@ class WireTensor:
     datatype: str
     shape: Sequence[int]
     contents: bytes
-
-
-class Accounting:
-    """Reports one request's outcome to the observer when its handler ends, however it ends.
-
-    The model label is the requested name only when the server serves such a model, so that
-    made-up names cannot create metric series without bound. A handler cancelled after its
-    gRPC deadline counts as DEADLINE_EXCEEDED (that is what its client sees), not CANCELLED.
-    """
-
-    def __init__(
-        self,
-        observer: Observer,
-        registry: ModelRegistry,
-        protocol: str,
-        model: str,
-        time_remaining: float | None,
-    ) -> None:
-        self._observer = observer
-        self._registry = registry
-        self._protocol = protocol
-        self._model = model
-        self._started = time.perf_counter()
-        self._deadline = None if time_remaining is None else self._started + time_remaining
-        self.version: int | None = None
-
-    def __enter__(self) -> Accounting:
-        return self
-
-    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
-        now = time.perf_counter()
-        if exc is None:
-            code = "OK"
-        elif isinstance(exc, InferdError):
-            code = status_code(exc).name
-        elif isinstance(exc, asyncio.CancelledError):
-            late = self._deadline is not None and now >= self._deadline - _DEADLINE_SLACK
-            code = "DEADLINE_EXCEEDED" if late else "CANCELLED"
-        else:
-            code = "INTERNAL"
-        label = self._model if self._registry.knows(self._model) else ""
-        self._observer.request_finished(
-            self._protocol, label, self.version, code, now - self._started
-        )
-
-
-# gRPC cancels a handler at its deadline, measured on another clock: allow for the skew.
-_DEADLINE_SLACK = 0.005
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,42 +95,34 @@ def decode_inputs(
                     f"{first[1]} is {first[2]}; the model names both '{dim_name}', so they "
                     "must agree"
                 )
-        count = 1
-        for d in shape:
-            count *= d
-        elements_total += count
+        elements_total += element_count(shape)
         if elements_total > limits.max_elements:
             raise InvalidInput(
                 f"input '{name}': {elements_total} elements in the request exceed the limit "
                 f"of {limits.max_elements}"
             )
-        inputs[name] = _array(name, spec.datatype, shape, count, tensor.contents)
+        inputs[name] = _array(name, spec.datatype, shape, tensor.contents)
     missing = [s.name for s in signature.inputs if s.name not in inputs]
     if missing:
         raise InvalidInput(f"missing input(s) {missing} for model '{model}'")
     return inputs
 
 
-def _array(name: str, datatype: str, shape: list[int], count: int, contents: bytes) -> Array:
+def _array(name: str, datatype: str, shape: list[int], contents: bytes) -> Array:
+    try:
+        array = from_wire(datatype, shape, contents)
+    except ValueError as exc:
+        raise InvalidInput(f"input '{name}': {exc}") from None
     if datatype == "BYTES":
-        try:
-            elements = unpack_bytes_elements(contents, count)
-            # ONNX Runtime takes string tensors as str (bytes objects reach the model as
-            # "b'...'"), and fails the whole batch on text it cannot encode: check it here.
-            for i, element in enumerate(elements):
+        # ONNX Runtime takes string tensors as str (bytes objects reach the model as
+        # "b'...'"), and fails the whole batch on text it cannot encode: check it here.
+        elements = array.reshape(-1)  # a view: from_wire's arrays are contiguous
+        for i, element in enumerate(elements):
+            try:
                 elements[i] = element.decode("utf-8")
-        except ValueError as exc:
-            where = f" (element {i})" if isinstance(exc, UnicodeDecodeError) else ""
-            raise InvalidInput(f"input '{name}'{where}: {exc}") from None
-        return elements.reshape(shape)
-    dtype = DTYPES[datatype]
-    needed = count * dtype.itemsize
-    if len(contents) != needed:
-        raise InvalidInput(
-            f"input '{name}': contents hold {len(contents)} bytes; shape {shape} of "
-            f"{datatype} needs {needed}"
-        )
-    return np.frombuffer(contents, dtype=dtype).reshape(shape)
+            except UnicodeDecodeError as exc:
+                raise InvalidInput(f"input '{name}' (element {i}): {exc}") from None
+    return array
 
 
 def check_outputs(model: str, signature: ModelSignature, names: Sequence[str]) -> tuple[str, ...]:
@@ -212,39 +151,3 @@ def absolute_deadline(
     if not budgets:
         return None
     return asyncio.get_running_loop().time() + min(budgets)
-
-
-async def infer(
-    registry: ModelRegistry,
-    limits: Limits,
-    *,
-    model: str,
-    version: int | None,
-    tensors: Sequence[WireTensor],
-    outputs: Sequence[str],
-    request_id: str,
-    priority: int,
-    timeout_us: int,
-    time_remaining: float | None,
-    trace_context: object = None,
-    accounting: Accounting | None = None,
-) -> tuple[ModelVersion, InferResult]:
-    """Resolve, validate, decode and run one request: the whole path every frontend shares."""
-    if not model:
-        raise InvalidInput("model: the model name is empty")
-    target = registry.resolve(model, version)
-    if accounting is not None:
-        accounting.version = target.version
-    signature = target.signature
-    assert signature is not None
-    request = InferRequest(
-        model=model,
-        inputs=decode_inputs(model, signature, tensors, limits),
-        outputs=check_outputs(model, signature, outputs),
-        version=target.version,
-        id=request_id,
-        priority=priority,
-        deadline=absolute_deadline(time_remaining, timeout_us, target.default_timeout),
-        trace_context=trace_context,
-    )
-    return target, await target.infer(request)

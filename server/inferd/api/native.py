@@ -1,5 +1,6 @@
-"""The native API, `inferd.v1`: Predict and ModelStatus. Converts protobuf <-> core; decides
-nothing (validation is `server/inferd/api/inference.py`, policy is `server/core`)."""
+"""The native API, `inferd.v1`: Predict and ModelStatus. Converts protobuf <-> the data plane
+(`server/inferd/api/dataplane.py`) and decides nothing; errors become statuses in
+`server/inferd/api/status.py`."""
 
 from __future__ import annotations
 
@@ -8,15 +9,12 @@ from collections.abc import AsyncIterator, Iterable
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from inferd.api import inference
-from inferd.api.status import status_code
+from inferd.api.dataplane import DataPlane, InferenceRequest, InferenceResponse
+from inferd.api.inference import WireTensor
+from inferd.api.status import ANSWERED, abort_on_error, grpc_status
 from inferd.api.streaming import answer_concurrently
-from inferd.core.errors import InferdError, ModelNotFound
-from inferd.core.models.registry import ModelRegistry, ModelStatusEvent, ModelVersion
-from inferd.core.observer import Observer
-from inferd.core.types import InferResult, ModelState
-from inferd.observability.tracing import RequestTracing
-from inferd_wire.codec import to_wire
+from inferd.core.models.registry import LoadedVersion, ModelStatusEvent, ModelVersion
+from inferd.core.types import ModelState
 from inferd_wire.proto.inferd.v1 import (
     model_status_pb2,
     model_status_pb2_grpc,
@@ -38,29 +36,17 @@ STATES = {
 
 
 class PredictServicer(predict_pb2_grpc.PredictServicer):
-    def __init__(
-        self,
-        registry: ModelRegistry,
-        limits: inference.Limits,
-        observer: Observer,
-        tracing: RequestTracing,
-        stream_window: int = 256,
-    ) -> None:
-        self._registry = registry
-        self._limits = limits
-        self._observer = observer
-        self._tracing = tracing
+    def __init__(self, dataplane: DataPlane, stream_window: int = 256) -> None:
+        self._dataplane = dataplane
         self._stream_window = stream_window
 
+    @abort_on_error
     async def Predict(
         self, request: predict_pb2.PredictRequest, context: grpc.aio.ServicerContext
     ) -> predict_pb2.PredictResponse:
-        try:
-            return await self._predict(request, context.time_remaining())
-        except InferdError as exc:
-            await context.abort(status_code(exc), exc.message)
-            raise  # unreachable: abort raises
+        return await self._predict(request, context.time_remaining())
 
+    @abort_on_error
     async def PredictStream(
         self,
         request_iterator: AsyncIterator[predict_pb2.PredictRequest],
@@ -73,10 +59,9 @@ class PredictServicer(predict_pb2_grpc.PredictServicer):
             try:
                 response = await self._predict(request, context.time_remaining())
                 return predict_pb2.PredictStreamResponse(id=request.id, response=response)
-            except InferdError as exc:
-                error = predict_pb2.RequestStatus(
-                    code=status_code(exc).value[0], message=exc.message
-                )
+            except ANSWERED as exc:
+                code, message = grpc_status(exc)
+                error = predict_pb2.RequestStatus(code=code.value[0], message=message)
                 return predict_pb2.PredictStreamResponse(id=request.id, error=error)
 
         async for response in answer_concurrently(request_iterator, answer, self._stream_window):
@@ -85,102 +70,81 @@ class PredictServicer(predict_pb2_grpc.PredictServicer):
     async def _predict(
         self, request: predict_pb2.PredictRequest, time_remaining: float | None
     ) -> predict_pb2.PredictResponse:
-        version = request.version if request.HasField("version") else None
-        accounting = inference.Accounting(
-            self._observer, self._registry, PROTOCOL, request.model, time_remaining
+        return await self._dataplane.infer(
+            lambda: inference_request(request),
+            predict_response,
+            protocol=PROTOCOL,
+            model=request.model,
+            request_id=request.id,
+            time_remaining=time_remaining,
         )
-        try:
-            with accounting:
-                _target, result = await inference.infer(
-                    self._registry,
-                    self._limits,
-                    model=request.model,
-                    version=version,
-                    tensors=[
-                        inference.WireTensor(t.name, t.datatype, t.shape, t.contents)
-                        for t in request.inputs
-                    ],
-                    outputs=request.outputs,
-                    request_id=request.id,
-                    priority=request.priority,
-                    timeout_us=request.timeout_us,
-                    time_remaining=time_remaining,
-                    trace_context=self._tracing.context(),
-                    accounting=accounting,
-                )
-                with self._tracing.encode_span():
-                    return _response(request, result)
-        finally:
-            self._tracing.annotate(request.model, accounting.version, request.id)
 
 
-def _response(
-    request: predict_pb2.PredictRequest, result: InferResult
-) -> predict_pb2.PredictResponse:
-    outputs = []
-    for name, array in result.outputs.items():
-        datatype, shape, contents = to_wire(array)
-        outputs.append(
-            tensor_pb2.Tensor(name=name, datatype=datatype, shape=shape, contents=contents)
-        )
+def inference_request(request: predict_pb2.PredictRequest) -> InferenceRequest:
+    return InferenceRequest(
+        model=request.model,
+        version=request.version if request.HasField("version") else None,
+        inputs=[WireTensor(t.name, t.datatype, t.shape, t.contents) for t in request.inputs],
+        outputs=request.outputs,
+        id=request.id,
+        priority=request.priority,
+        timeout_us=request.timeout_us,
+    )
+
+
+def predict_response(response: InferenceResponse) -> predict_pb2.PredictResponse:
     return predict_pb2.PredictResponse(
-        model=result.model, version=result.version, id=request.id, outputs=outputs
+        model=response.model,
+        version=response.version,
+        id=response.id,
+        outputs=[
+            tensor_pb2.Tensor(name=t.name, datatype=t.datatype, shape=t.shape, contents=t.contents)
+            for t in response.outputs
+        ],
     )
 
 
 class ModelStatusServicer(model_status_pb2_grpc.ModelStatusServicer):
-    def __init__(self, registry: ModelRegistry) -> None:
-        self._registry = registry
+    def __init__(self, dataplane: DataPlane) -> None:
+        self._dataplane = dataplane
 
+    @abort_on_error
     async def GetModelStatus(
         self, request: model_status_pb2.GetModelStatusRequest, context: grpc.aio.ServicerContext
     ) -> model_status_pb2.GetModelStatusResponse:
-        try:
-            versions = self._registry.versions(request.model)
-            if request.HasField("version"):
-                versions = [v for v in versions if v.version == request.version]
-                if not versions:
-                    raise ModelNotFound(f"model '{request.model}' has no version {request.version}")
-        except InferdError as exc:
-            await context.abort(status_code(exc), exc.message)
-            raise
+        version = request.version if request.HasField("version") else None
+        versions = self._dataplane.versions(request.model, version)
         return model_status_pb2.GetModelStatusResponse(
             model=request.model, versions=version_statuses(versions)
         )
 
+    @abort_on_error
     async def ListModels(
         self, request: model_status_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> model_status_pb2.ListModelsResponse:
         return model_status_pb2.ListModelsResponse(
             models=[
                 model_status_pb2.ModelSummary(
-                    name=name, versions=version_statuses(self._registry.versions(name))
+                    name=name, versions=version_statuses(self._dataplane.versions(name))
                 )
-                for name in self._registry.model_names()
+                for name in self._dataplane.model_names()
             ]
         )
 
+    @abort_on_error
     async def GetModelMetadata(
         self, request: model_status_pb2.GetModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> model_status_pb2.ModelMetadata:
-        try:
-            version = request.version if request.HasField("version") else None
-            target = self._registry.resolve(request.model, version)
-        except InferdError as exc:
-            await context.abort(status_code(exc), exc.message)
-            raise
-        return _metadata(target, self._registry.versions(request.model))
+        version = request.version if request.HasField("version") else None
+        target = self._dataplane.model(request.model, version)
+        return _metadata(target, self._dataplane.versions(request.model))
 
+    @abort_on_error
     async def WatchModelStatus(
         self, request: model_status_pb2.WatchModelStatusRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[model_status_pb2.ModelStatusEvent]:
-        try:
-            async for event in self._registry.watch(request.model):
-                yield _event(event)
-        except InferdError as exc:
-            await context.abort(status_code(exc), exc.message)
-        except OverflowError as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        async for event in self._dataplane.watch(request.model):
+            yield _event(event)
 
 
 def _timestamp(seconds: float) -> Timestamp:
@@ -213,9 +177,10 @@ def version_statuses(versions: Iterable[ModelVersion]) -> list[model_status_pb2.
     return out
 
 
-def _metadata(target: ModelVersion, versions: list[ModelVersion]) -> model_status_pb2.ModelMetadata:
+def _metadata(
+    target: LoadedVersion, versions: list[ModelVersion]
+) -> model_status_pb2.ModelMetadata:
     signature, policy = target.signature, target.policy
-    assert signature is not None and policy is not None
     return model_status_pb2.ModelMetadata(
         name=target.name,
         version=target.version,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from inferd.core.models.registry import ModelVersion
+from inferd.core.models.registry import LoadedVersion, ModelVersion
 from inferd.core.models.triton_config import BACKEND, PLATFORM, TRITON_TYPE_NAMES
 from inferd.core.statistics import Duration
 from inferd.core.types import ModelState
@@ -27,9 +27,8 @@ def ready_versions(versions: Iterable[ModelVersion]) -> list[str]:
     return [str(v.version) for v in versions if v.state is ModelState.READY]
 
 
-def model_metadata(target: ModelVersion, versions: list[ModelVersion]) -> pb.ModelMetadataResponse:
+def model_metadata(target: LoadedVersion, versions: list[ModelVersion]) -> pb.ModelMetadataResponse:
     signature = target.signature
-    assert signature is not None
     tensor = pb.ModelMetadataResponse.TensorMetadata
     return pb.ModelMetadataResponse(
         name=target.name,
@@ -46,11 +45,10 @@ def model_metadata(target: ModelVersion, versions: list[ModelVersion]) -> pb.Mod
     )
 
 
-def model_config(target: ModelVersion) -> mc.ModelConfig:
+def model_config(target: LoadedVersion) -> mc.ModelConfig:
     """The configuration the version really runs with (config file, server defaults and the
     graph resolved), in Triton's terms."""
     signature, policy = target.signature, target.policy
-    assert signature is not None and policy is not None
     config = mc.ModelConfig(
         name=target.name,
         platform=PLATFORM,

@@ -1,6 +1,6 @@
-"""Open Inference Protocol tensors <-> the shared request path: a ModelInferRequest's inputs
-become `inference.WireTensor`s (raw bytes; typed `contents` converted to little-endian bytes),
-its parameters become priority and timeout, and results become raw_output_contents.
+"""Open Inference Protocol messages <-> the data plane's: a ModelInferRequest becomes an
+`InferenceRequest` (inputs as raw bytes, typed `contents` converted by the wire codec; its
+parameters become priority and timeout), an `InferenceResponse` becomes raw_output_contents.
 
 Only the protocol's own rules are checked here (raw vs typed contents, typed element counts,
 parameter types); everything a model declares is checked once, by `server/inferd/api/inference.py`.
@@ -11,12 +11,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import numpy as np
-
+from inferd.api.dataplane import InferenceRequest, InferenceResponse
 from inferd.api.inference import WireTensor
+from inferd.api.status import Unimplemented
 from inferd.core.errors import InvalidInput
-from inferd.core.types import InferResult
-from inferd_wire.codec import DTYPES, pack_bytes_elements, to_wire
+from inferd_wire.codec import element_count, wire_contents
 from inferd_wire.proto.inference import grpc_service_pb2 as pb
 
 # Which InferTensorContents field holds each datatype's elements. FP16 and BF16 have none.
@@ -40,19 +39,26 @@ RAW_ONLY = ("FP16", "BF16")
 SHARED_MEMORY_PARAMETERS = ("shared_memory_region", "shared_memory_byte_size")
 
 
-class Unimplemented(Exception):
-    """A request uses a protocol feature inferd does not implement (answered UNIMPLEMENTED)."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
 @dataclass(frozen=True, slots=True)
 class RequestOptions:
     version: int | None
     priority: int
     timeout_us: int
+
+
+def infer_request(request: pb.ModelInferRequest) -> InferenceRequest:
+    """The data plane's request; the protocol's errors surface in this order: version and
+    parameters, then inputs, then requested outputs."""
+    options = request_options(request)
+    return InferenceRequest(
+        model=request.model_name,
+        version=options.version,
+        inputs=wire_tensors(request),
+        outputs=requested_outputs(request),
+        id=request.id,
+        priority=options.priority,
+        timeout_us=options.timeout_us,
+    )
 
 
 def parse_version(field: str, version: str) -> int | None:
@@ -129,18 +135,14 @@ def typed_contents_bytes(tensor: pb.ModelInferRequest.InferInputTensor) -> bytes
     if field is None or any(d < 0 for d in shape):
         return b""
     values = getattr(tensor.contents, field)
-    count = 1
-    for d in shape:
-        count *= d
+    count = element_count(shape)
     if len(values) != count:
         raise InvalidInput(
             f"input '{name}': contents.{field} holds {len(values)} elements; shape {shape} "
             f"of {datatype} needs {count}"
         )
-    if datatype == "BYTES":
-        return pack_bytes_elements(values)
     try:
-        return np.array(values, dtype=DTYPES[datatype]).tobytes()
+        return wire_contents(datatype, values)
     except (OverflowError, ValueError):
         raise InvalidInput(
             f"input '{name}': contents.{field} holds a value out of range for {datatype}"
@@ -170,15 +172,12 @@ def _refuse_shared_memory(
         )
 
 
-def infer_response(request_id: str, result: InferResult) -> pb.ModelInferResponse:
+def infer_response(response: InferenceResponse) -> pb.ModelInferResponse:
     """Every output raw, in raw_output_contents, in the order of `outputs`."""
-    response = pb.ModelInferResponse(
-        model_name=result.model, model_version=str(result.version), id=request_id
+    message = pb.ModelInferResponse(
+        model_name=response.model, model_version=str(response.version), id=response.id
     )
-    raw = []
-    for name, array in result.outputs.items():
-        datatype, shape, contents = to_wire(array)
-        response.outputs.add(name=name, datatype=datatype, shape=shape)
-        raw.append(contents)
-    response.raw_output_contents.extend(raw)
-    return response
+    for tensor in response.outputs:
+        message.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
+    message.raw_output_contents.extend(tensor.contents for tensor in response.outputs)
+    return message

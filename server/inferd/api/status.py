@@ -1,6 +1,18 @@
-"""The one place core errors become gRPC status codes."""
+"""The one place errors become gRPC statuses: the core's errors, the frontends' own
+`Unimplemented`, and the OverflowError of a status watcher that fell behind.
+
+Every servicer method takes `@abort_on_error`, which ends the call with the error's status;
+a stream that answers each request with its own status (PredictStream, ModelStreamInfer)
+catches `ANSWERED` and asks `grpc_status` for the code and message.
+"""
 
 from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar, cast
 
 import grpc
 
@@ -20,9 +32,65 @@ _CODES: dict[type[errors.InferdError], grpc.StatusCode] = {
 }
 
 
+class Unimplemented(Exception):
+    """A request uses a protocol feature inferd does not implement (answered UNIMPLEMENTED)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+# What a handler answers with a status. Anything else escapes to gRPC, which answers UNKNOWN.
+ANSWERED = (errors.InferdError, Unimplemented, OverflowError)
+
+
 def status_code(error: errors.InferdError) -> grpc.StatusCode:
     for cls in type(error).__mro__:
-        code = _CODES.get(cls)  # type: ignore[call-overload]
+        code = _CODES.get(cls)
         if code is not None:
             return code
     return grpc.StatusCode.INTERNAL
+
+
+def grpc_status(error: Exception) -> tuple[grpc.StatusCode, str]:
+    """The code and message that answer one of the `ANSWERED` errors."""
+    if isinstance(error, errors.InferdError):
+        return status_code(error), error.message
+    if isinstance(error, Unimplemented):
+        return grpc.StatusCode.UNIMPLEMENTED, error.message
+    if isinstance(error, OverflowError):
+        # Only a status watcher that fell behind raises it (ModelRegistry.watch).
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
+    raise TypeError(f"{type(error).__name__} has no gRPC status") from error
+
+
+Method = TypeVar("Method", bound=Callable[..., Any])
+
+
+def abort_on_error(method: Method) -> Method:
+    """A servicer method (unary, or an async generator for a response stream) whose
+    `ANSWERED` errors end the call with their status (`grpc_status`)."""
+    if inspect.isasyncgenfunction(method):
+
+        @functools.wraps(method)
+        async def stream(
+            self: object, request: object, context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[object]:
+            try:
+                async with contextlib.aclosing(method(self, request, context)) as responses:
+                    async for response in responses:
+                        yield response
+            except ANSWERED as error:
+                await context.abort(*grpc_status(error))
+
+        return cast(Method, stream)
+
+    @functools.wraps(method)
+    async def unary(self: object, request: object, context: grpc.aio.ServicerContext) -> object:
+        try:
+            return await method(self, request, context)
+        except ANSWERED as error:
+            await context.abort(*grpc_status(error))
+            raise AssertionError("unreachable: context.abort raises") from error
+
+    return cast(Method, unary)

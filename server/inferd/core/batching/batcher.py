@@ -1,12 +1,13 @@
 """The dynamic batcher: one per model version.
 
 Three parts, as in TF Serving's batch scheduler:
-- the queue (what waits, `batch_queue.py`): one `ShapeQueue` per shape signature, since only
+- the queue (what waits, `batching/queue.py`): one `ShapeQueue` per shape signature, since only
   requests whose non-batch dims and dtypes agree can be concatenated; inside it, FIFO per
   priority level;
-- the policy (when a batch closes, `batch_policy.py` and `ShapeQueue.readiness`);
-- the threads (who runs it, here): `instances` execution slots; the executor runs each batch
-  off the event loop.
+- the policy (when a batch closes and what it takes, `batching/policy.py`);
+- the mechanics (who runs it, here): `instances` execution slots, the dispatcher task and its
+  timer, each request's future, and the hand-off to the executor, which runs each batch off
+  the event loop.
 
 Plain asyncio: no gRPC types. Tests drive it with a fake executor on a fake loop clock.
 """
@@ -14,11 +15,11 @@ Plain asyncio: no gRPC types. Tests drive it with a fake executor on a fake loop
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from inferd.core.batching.policy import BatchingPolicy
+from inferd.core.batching.policy import BatchingPolicy, next_queue
 from inferd.core.batching.queue import EntryState, QueuedRequest, ShapeQueue
 from inferd.core.batching.timer import wait_until
 from inferd.core.errors import (
@@ -92,6 +93,11 @@ class Batcher:
     @property
     def in_flight(self) -> int:
         return len(self._in_flight)
+
+    @property
+    def closed(self) -> bool:
+        """Whether `close` has returned: everything accepted was answered, nothing more is."""
+        return self._closed
 
     def start(self) -> None:
         if self._dispatcher is None:
@@ -200,20 +206,9 @@ class Batcher:
     async def _next_batch(self, loop: asyncio.AbstractEventLoop) -> list[QueuedRequest] | None:
         while True:
             now = loop.time()
-            chosen: ShapeQueue | None = None
-            chosen_key: tuple[Any, ...] = ()
-            wake_at: float | None = None
-            for key, queue in self._queues.items():
-                ready, at = queue.readiness(self.policy, now)
-                if self._draining:
-                    ready = True
-                if ready:
-                    if chosen is None or queue.oldest_arrival() < chosen.oldest_arrival():
-                        chosen, chosen_key = queue, key
-                elif wake_at is None or at < wake_at:
-                    wake_at = at
-            if chosen is not None:
-                batch = self._take_live(chosen, chosen_key, now)
+            key, wake_at = next_queue(self._queues_as_policy_sees_them(now), now)
+            if key is not None:
+                batch = self._take_live(key, now)
                 if batch:
                     return batch
                 continue
@@ -225,12 +220,24 @@ class Batcher:
             else:
                 await wait_until(self._wake, wake_at, fine=self._fine_timer)
 
-    def _take_live(
-        self, queue: ShapeQueue, key: tuple[Any, ...], now: float
-    ) -> list[QueuedRequest]:
-        """Take the next batch from `queue`, answering (never executing) entries whose deadline
-        has passed or whose caller is gone."""
-        batch = queue.take(self.policy, now)
+    def _queues_as_policy_sees_them(
+        self, now: float
+    ) -> Iterator[tuple[tuple[Any, ...], float, float]]:
+        """(key, oldest arrival, when it may dispatch) for each queue."""
+        for key, queue in self._queues.items():
+            oldest = queue.oldest_arrival()
+            at = self.policy.dispatch_at(
+                queue.rows, oldest, now, queue.rows_in_order(), draining=self._draining
+            )
+            yield key, oldest, at
+
+    def _take_live(self, key: tuple[Any, ...], now: float) -> list[QueuedRequest]:
+        """Take the next batch from the queue under `key`, answering (never executing) entries
+        whose deadline has passed or whose caller is gone."""
+        queue = self._queues[key]
+        batch = queue.take(
+            self.policy.batch_size(queue.rows, queue.oldest_arrival(), now, queue.rows_in_order())
+        )
         if not queue.count:
             del self._queues[key]
         self._queued -= len(batch)

@@ -1,16 +1,17 @@
-"""What waits: requests queued for a batch, grouped by shape, FIFO within priority levels."""
+"""What waits: requests queued for a batch, grouped by shape, FIFO within priority levels.
+
+When a queue dispatches and how much of it a batch takes is the policy's (`batching/policy.py`).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import itertools
 from collections import deque
 from collections.abc import Iterator
 
-from inferd.core.batching.policy import BatchingPolicy
 from inferd.core.types import InferRequest, InferResult, rows_of, shape_key_of
-
-TIMER_SLACK = 1e-6
 
 
 class EntryState(enum.Enum):
@@ -71,49 +72,14 @@ class ShapeQueue:
         # Within a level arrival order holds, so the oldest request is one of the heads.
         return min(level[0].arrival for level in self.levels.values())
 
-    def readiness(self, policy: BatchingPolicy, now: float) -> tuple[bool, float]:
-        """(ready now, else the loop time at which the delay makes it ready)."""
-        ready_at = self.oldest_arrival() + policy.max_queue_delay
-        # asyncio fires a timer up to its clock resolution early, and float sums land a hair
-        # short; without the slack the dispatcher would wake, find nothing ready, and spin.
-        if (
-            policy.max_batch_size == 0
-            or self.rows >= policy.max_batch_size
-            or ready_at <= now + TIMER_SLACK
-        ):
-            return True, now
-        if policy.preferred_batch_sizes and self._preferred_prefix(policy) is not None:
-            return True, now
-        return False, ready_at
-
-    def _preferred_prefix(self, policy: BatchingPolicy) -> int | None:
-        """Requests (in dispatch order) that make up the largest preferred size reachable."""
-        best: int | None = None
-        rows = 0
-        for n, entry in enumerate(self.in_order(), start=1):
-            rows += entry.rows
-            if rows > policy.max_batch_size:
-                break
-            if rows in policy.preferred_batch_sizes:
-                best = n
-        return best
-
-    def take(self, policy: BatchingPolicy, now: float) -> list[QueuedRequest]:
-        """Remove and return the next batch: dispatch order, as many rows as fit."""
-        limit: int | None = None
-        if (
-            policy.preferred_batch_sizes
-            and self.rows < policy.max_batch_size
-            and self.oldest_arrival() + policy.max_queue_delay > now + TIMER_SLACK
-        ):
-            limit = self._preferred_prefix(policy)
-        batch: list[QueuedRequest] = []
-        rows = 0
+    def rows_in_order(self) -> Iterator[int]:
+        """Each request's rows, in dispatch order: what the policy decides from."""
         for entry in self.in_order():
-            if batch and (rows + entry.rows > policy.batch_limit or len(batch) == limit):
-                break
-            batch.append(entry)
-            rows += entry.rows
+            yield entry.rows
+
+    def take(self, count: int) -> list[QueuedRequest]:
+        """Remove and return the first `count` requests in dispatch order."""
+        batch = list(itertools.islice(self.in_order(), count))
         for entry in batch:
             self.remove(entry)
         return batch

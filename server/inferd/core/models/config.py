@@ -1,19 +1,23 @@
 """A model's configuration: `<repository>/<model>/config.toml`, every field optional.
 
-Fields left out fall back to the server's defaults (`ServerConfig.model_defaults`) or to what the
-ONNX graph declares. Unknown keys are an error naming the key, so a typo never silently falls
-back to a default.
+Fields left out fall back to the server's defaults (`ModelDefaults`, the server config's
+`models` table) or to what the ONNX graph declares; `EffectiveConfig.merge` applies the
+defaults, once per load. Unknown keys are an error naming the key, so a typo never silently
+falls back to a default.
 """
 
 from __future__ import annotations
 
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from inferd.core.batching.policy import BatchingPolicy
 from inferd.core.errors import InvalidInput
+from inferd.core.types import ModelSignature
 
 ProviderOptions = dict[str, str | int | float | bool]
 
@@ -174,3 +178,61 @@ class ModelDefaults(BaseModel):
     default_timeout_us: Annotated[int, Field(ge=0)] = 0
     execution_providers: tuple[str, ...] = ("cuda", "cpu")
     intra_op_threads: Annotated[int, Field(ge=0)] = 0
+
+
+@dataclass(frozen=True, slots=True)
+class EffectiveConfig:
+    """What one model version runs with: its config.toml over the server's defaults, merged in
+    this one place. max_batch_size is not here: its default also depends on the graph (see
+    `derive_signature`), so it is part of the signature."""
+
+    config: ModelConfig
+    """The model's config as written: declarations, execution fields, version policy."""
+    max_queue_delay_us: int
+    max_queue_size: int
+    instances: int
+    default_timeout_us: int
+    execution_providers: tuple[str, ...]
+    intra_op_threads: int
+
+    @classmethod
+    def merge(cls, config: ModelConfig, defaults: ModelDefaults) -> EffectiveConfig:
+        return cls(
+            config=config,
+            max_queue_delay_us=(
+                defaults.max_queue_delay_us
+                if config.max_queue_delay_us is None
+                else config.max_queue_delay_us
+            ),
+            max_queue_size=config.max_queue_size or defaults.max_queue_size,
+            instances=config.instances or defaults.instances,
+            default_timeout_us=(
+                defaults.default_timeout_us
+                if config.default_timeout_us is None
+                else config.default_timeout_us
+            ),
+            # An empty list in the config means "not given", as it always has.
+            execution_providers=config.execution_providers or defaults.execution_providers,
+            intra_op_threads=(
+                defaults.intra_op_threads
+                if config.intra_op_threads is None
+                else config.intra_op_threads
+            ),
+        )
+
+    @property
+    def default_timeout(self) -> float | None:
+        """Seconds for requests that carry neither a timeout nor a deadline; None: no limit."""
+        return self.default_timeout_us / 1e6 if self.default_timeout_us else None
+
+    def batching_policy(self, signature: ModelSignature) -> BatchingPolicy:
+        """The batcher's policy for this version; raises ValueError when the config's batching
+        fields cannot apply to the graph (e.g. a preferred size above max_batch_size)."""
+        return BatchingPolicy(
+            max_batch_size=signature.max_batch_size,
+            max_queue_delay=self.max_queue_delay_us / 1e6,
+            preferred_batch_sizes=self.config.preferred_batch_sizes if signature.batches else (),
+            max_queue_size=self.max_queue_size,
+            instances=self.instances,
+            default_priority=self.config.default_priority,
+        )

@@ -139,25 +139,8 @@ class ModelController:
         self, name: str, source: ModelSource | None, trust_unseen: bool
     ) -> None:
         wanted = source.selected_versions() if source else {}
-        for number, path in sorted(wanted.items()):
-            current = await asyncio.to_thread(fingerprint, path.parent)
-            previous = self._seen.get((name, number))
-            changed = previous is None or previous[0] != current
-            if changed:
-                self._seen[(name, number)] = (current, time.monotonic())
-            trusted = previous is None and trust_unseen
-            if not await self._complete(name, number, path.parent, changed, trusted):
-                self._pending.add((name, number))
-                continue
-            self._pending.discard((name, number))
-            served = self.registry.get(name, number)
-            if served is not None and served.state in (ModelState.LOADING, ModelState.UNLOADING):
-                continue
-            if served is not None and served.state in (ModelState.READY, ModelState.FAILED):
-                if current in (served.fingerprint, served.failed_fingerprint):
-                    continue
-            assert source is not None
-            await self.registry.load_version(name, number, path, source.config, current)
+        if source is not None:
+            await self._load_complete(source, wanted, trust_unseen)
         # Retire what is no longer wanted, oldest first, but only while more versions are READY
         # than the policy wants: a replacement still settling, loading or FAILED keeps the
         # version it would replace serving, so a bad publish never lowers what is served.
@@ -177,6 +160,31 @@ class ModelController:
         for key in [k for k in self._seen if k[0] == name and k[1] not in wanted]:
             del self._seen[key]
             self._pending.discard(key)
+
+    async def _load_complete(
+        self, source: ModelSource, wanted: dict[int, Path], trust_unseen: bool
+    ) -> None:
+        """Load each wanted version whose files are complete, unless those files are what it
+        serves already or what failed already."""
+        name = source.name
+        for number, path in sorted(wanted.items()):
+            current = await asyncio.to_thread(fingerprint, path.parent)
+            previous = self._seen.get((name, number))
+            changed = previous is None or previous[0] != current
+            if changed:
+                self._seen[(name, number)] = (current, time.monotonic())
+            trusted = previous is None and trust_unseen
+            if not await self._complete(name, number, path.parent, changed, trusted):
+                self._pending.add((name, number))
+                continue
+            self._pending.discard((name, number))
+            served = self.registry.get(name, number)
+            if served is not None and served.state in (ModelState.LOADING, ModelState.UNLOADING):
+                continue
+            if served is not None and served.state in (ModelState.READY, ModelState.FAILED):
+                if current in (served.fingerprint, served.failed_fingerprint):
+                    continue
+            await self.registry.load_version(name, number, path, source.config, current)
 
     async def _complete(
         self, name: str, number: int, version_dir: Path, changed: bool, trusted: bool

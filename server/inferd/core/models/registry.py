@@ -1,77 +1,41 @@
-"""The model registry: which model versions exist, their state, and where a request goes."""
+"""The model registry: which model versions exist, their state, and where a request goes.
+
+Loading a version's files is `models/loading.py`'s; the values are `models/version.py`'s."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
-from inferd.core.batching.batcher import Batcher, BatchExecutor, BatchingPolicy
 from inferd.core.errors import ModelNotFound, Unavailable
 from inferd.core.models.config import ModelConfig, ModelDefaults
+from inferd.core.models.loading import (
+    SessionFactory,
+    batching_policy,
+    load_files,
+    onnxruntime_session,
+)
 from inferd.core.models.repository import validate_model_name
-from inferd.core.models.signature import GraphTensor, derive_signature
-from inferd.core.observer import MultiObserver, Observer
-from inferd.core.runtime.session import OnnxRuntimeSession, resolve_providers
-from inferd.core.runtime.warmup import load_samples, warm_up
-from inferd.core.statistics import StatisticsRecorder, VersionStatistics
-from inferd.core.types import InferRequest, InferResult, ModelSignature, ModelState
+from inferd.core.models.version import LoadedVersion, ModelSession, ModelVersion
+from inferd.core.observer import Observer
+from inferd.core.types import ModelState
 
 log = logging.getLogger(__name__)
 
-
-def batching_policy(
-    config: ModelConfig, signature: ModelSignature, defaults: ModelDefaults
-) -> BatchingPolicy:
-    """The batcher's policy: the model's config.toml over the server's defaults."""
-    delay_us = config.max_queue_delay_us
-    return BatchingPolicy(
-        max_batch_size=signature.max_batch_size,
-        max_queue_delay=(defaults.max_queue_delay_us if delay_us is None else delay_us) / 1e6,
-        preferred_batch_sizes=config.preferred_batch_sizes if signature.batches else (),
-        max_queue_size=config.max_queue_size or defaults.max_queue_size,
-        instances=config.instances or defaults.instances,
-        default_priority=config.default_priority,
-    )
-
-
-class ModelSession(BatchExecutor, Protocol):
-    """What the registry needs of a loaded model (OnnxRuntimeSession, or a fake in tests)."""
-
-    providers: tuple[str, ...]
-    inputs: tuple[GraphTensor, ...]
-    outputs: tuple[GraphTensor, ...]
-
-    def close(self) -> None: ...
-
-
-SessionFactory = Callable[[Path, ModelConfig, ModelDefaults, str], ModelSession]
-
-
-def onnxruntime_session(
-    path: Path, config: ModelConfig, defaults: ModelDefaults, name: str
-) -> ModelSession:
-    """The production session: providers from the config, execution fields (batch buckets,
-    CUDA graphs, sessions per slot) applied by the runtime."""
-    providers = resolve_providers(
-        config.execution_providers or defaults.execution_providers,
-        config.provider_options,
-        cuda_graphs=config.cuda_graphs,
-    )
-    threads = config.intra_op_threads
-    return OnnxRuntimeSession(
-        path,
-        providers,
-        intra_op_threads=defaults.intra_op_threads if threads is None else threads,
-        instances=config.instances or defaults.instances,
-        name=name,
-        config=config,
-        defaults=defaults,
-    )
+__all__ = [
+    "LoadedVersion",
+    "ModelRegistry",
+    "ModelSession",
+    "ModelStatusEvent",
+    "ModelVersion",
+    "SessionFactory",
+    "batching_policy",
+    "onnxruntime_session",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,37 +46,6 @@ class ModelStatusEvent:
     reason: str
     # Seconds since the epoch.
     time: float
-
-
-@dataclass(eq=False)
-class ModelVersion:
-    """One version of one model: its state and, when READY, its session and batcher."""
-
-    name: str
-    version: int
-    path: Path
-    config: ModelConfig
-    state: ModelState = ModelState.UNKNOWN
-    reason: str = ""
-    last_change: float = field(default_factory=time.time)
-    statistics: VersionStatistics = field(default_factory=VersionStatistics)
-    signature: ModelSignature | None = None
-    policy: BatchingPolicy | None = None
-    default_timeout: float | None = None
-    providers: tuple[str, ...] = ()
-    # What the files looked like when loaded (see model_control); a failed reload remembers
-    # its files so that only a further change retries it.
-    fingerprint: str = ""
-    failed_fingerprint: str = ""
-    session: ModelSession | None = None
-    batcher: Batcher | None = None
-
-    async def infer(self, request: InferRequest) -> InferResult:
-        if self.batcher is None or self.state is not ModelState.READY:
-            raise Unavailable(
-                f"model '{self.name}' version {self.version} is {self.state.value.lower()}"
-            )
-        return await self.batcher.submit(request)
 
 
 class _Subscription:
@@ -163,7 +96,16 @@ class ModelRegistry:
         self._transition(version, ModelState.LOADING, "", notify=announce)
         started = time.perf_counter()
         try:
-            await self._prepare(version)
+            loaded = await load_files(
+                name,
+                number,
+                path,
+                config,
+                self.defaults,
+                self._session_factory,
+                self._observer,
+                version.statistics,
+            )
         except Exception as exc:
             reason = getattr(exc, "message", None) or f"loading {path} failed: {_first_line(exc)}"
             self._transition(
@@ -175,15 +117,15 @@ class ModelRegistry:
                 replacing.failed_fingerprint = fingerprint
             return version
         if not self._accepting:
-            await self._release(version)
+            await loaded.close()
             self._transition(
                 version, ModelState.UNLOADED, "server shut down while loading", notify=announce
             )
             return version
         if replacing is not None:
             self._models[name][number] = version
-        assert version.policy is not None and version.signature is not None
-        self._observer.queue_capacity_set(name, number, version.policy.max_queue_size)
+        version.loaded = loaded
+        self._observer.queue_capacity_set(name, number, loaded.policy.max_queue_size)
         self._transition(
             version,
             ModelState.READY,
@@ -194,48 +136,15 @@ class ModelRegistry:
             "model '%s' version %d READY on %s (max_batch_size=%d) in %.3f s",
             name,
             number,
-            ",".join(version.providers),
-            version.signature.max_batch_size,
+            ",".join(loaded.providers),
+            loaded.signature.max_batch_size,
             time.perf_counter() - started,
         )
         if replacing is not None:
             # Same version number: its old files drain without state events, which would
             # describe the version number now served by the new files.
-            await self._release(replacing)
+            await self._close(replacing)
         return version
-
-    async def _prepare(self, version: ModelVersion) -> None:
-        """Session, signature, policy, warm-up and batcher; raises on any failure, leaving
-        nothing open."""
-        name, number, config = version.name, version.version, version.config
-        session = await asyncio.to_thread(
-            self._session_factory, version.path, config, self.defaults, f"{name}-{number}"
-        )
-        try:
-            signature = derive_signature(session.inputs, session.outputs, config, self.defaults)
-            policy = batching_policy(config, signature, self.defaults)
-            samples = await asyncio.to_thread(load_samples, version.path.parent.parent, signature)
-            await warm_up(session, signature, policy, samples)
-        except BaseException:
-            await asyncio.to_thread(session.close)
-            raise
-        version.session = session
-        version.signature = signature
-        version.policy = policy
-        version.providers = session.providers
-        timeout_us = (
-            config.default_timeout_us
-            if config.default_timeout_us is not None
-            else self.defaults.default_timeout_us
-        )
-        version.default_timeout = timeout_us / 1e6 if timeout_us else None
-        version.batcher = Batcher(
-            name,
-            number,
-            policy,
-            session,
-            MultiObserver([self._observer, StatisticsRecorder(version.statistics)]),
-        )
 
     async def unload_version(self, name: str, number: int, reason: str = "") -> None:
         """Stop routing to the version, answer everything it accepted, then free it."""
@@ -248,20 +157,17 @@ class ModelRegistry:
         self._transition(version, ModelState.UNLOADING, reason)
         await self._unload(version)
 
-    async def _release(self, version: ModelVersion) -> None:
-        if version.batcher is not None:
-            await version.batcher.close()
-        if version.session is not None:
-            await asyncio.to_thread(version.session.close)
-        version.session = None
-        version.batcher = None
+    @staticmethod
+    async def _close(version: ModelVersion) -> None:
+        if version.loaded is not None:
+            await version.loaded.close()
 
     def get(self, name: str, number: int) -> ModelVersion | None:
         return self._models.get(name, {}).get(number)
 
     # -- routing ---------------------------------------------------------------------------
 
-    def resolve(self, name: str, version: int | None = None) -> ModelVersion:
+    def resolve(self, name: str, version: int | None = None) -> LoadedVersion:
         """The READY version a request goes to: the one named, or the newest READY one."""
         if not self._accepting:
             self.last_refused = time.monotonic()
@@ -272,16 +178,17 @@ class ModelRegistry:
             raise ModelNotFound(f"model '{name}' is not served")
         if version is not None:
             found = versions.get(version)
-            if found is None or found.state is not ModelState.READY:
+            if found is None or found.state is not ModelState.READY or found.loaded is None:
                 state = found.state.value if found else "not served"
                 ready = sorted(v for v, mv in versions.items() if mv.state is ModelState.READY)
                 raise ModelNotFound(
                     f"model '{name}' version {version} is {state}; ready versions: {ready}"
                 )
-            return found
+            return found.loaded
         for number in sorted(versions, reverse=True):
-            if versions[number].state is ModelState.READY:
-                return versions[number]
+            candidate = versions[number]
+            if candidate.state is ModelState.READY and candidate.loaded is not None:
+                return candidate.loaded
         raise ModelNotFound(f"model '{name}' has no READY version")
 
     def knows(self, name: str) -> bool:
@@ -357,7 +264,13 @@ class ModelRegistry:
     async def shutdown(self) -> None:
         """Refuse new requests, answer every accepted one, then unload every version."""
         self._accepting = False
-        ready = [v for vs in self._models.values() for v in vs.values() if v.batcher is not None]
+        # READY, or UNLOADING with its batcher still draining: every version with one open.
+        ready = [
+            v
+            for vs in self._models.values()
+            for v in vs.values()
+            if v.state in (ModelState.READY, ModelState.UNLOADING)
+        ]
         for version in ready:
             self._transition(version, ModelState.UNLOADING, "server shutting down")
         await asyncio.gather(*(self._unload(v) for v in ready))
@@ -369,7 +282,7 @@ class ModelRegistry:
                 sub.overflowed = True
 
     async def _unload(self, version: ModelVersion) -> None:
-        await self._release(version)
+        await self._close(version)
         self._transition(version, ModelState.UNLOADED, version.reason)
 
 

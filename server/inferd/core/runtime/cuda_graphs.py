@@ -1,8 +1,8 @@
 """CUDA graphs: one captured graph per batch bucket, replayed instead of launching each kernel.
 
 ONNX Runtime's CUDA provider (`enable_cuda_graph`) records a run's kernels once and replays
-them with one launch: measured on the H100, ResNet-50 batch 1 in 0.86 ms instead of 2.28 ms
-(../shared/GPU.md). Its rules, and how inferd keeps them:
+them with one launch: measured in-process on an H100, ResNet-50 batch 1 in 0.86 ms instead of
+2.28 ms (docs/gpu.md). Its rules, and how inferd keeps them:
 
 - A graph replays fixed device addresses and fixed shapes. So each bucket gets its own device
   input and output buffers, bound once; a batch is padded to its bucket and copied into that

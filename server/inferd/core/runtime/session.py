@@ -1,11 +1,14 @@
 """ONNX Runtime sessions: provider selection and batch execution off the event loop.
 
 A model version's `OnnxRuntimeSession` owns its ONNX Runtime session(s) and `instances`
-execution slots (`cuda_execution`), one thread each. A batch takes a free slot, is
-concatenated into that slot's staging buffers (pinned on CUDA) and zero-padded up to its batch
-bucket (`buckets`), runs (IO binding on CUDA; a replayed CUDA graph per bucket with
-`cuda_graphs`, see `cuda_graphs`), and its outputs are split back per request as views that
-stop at the real rows.
+execution slots (`runtime/slots.py`), one thread each. A batch takes a free slot, is
+concatenated into that slot's staging buffers (`runtime/staging.py`; pinned on CUDA) and
+zero-padded up to its batch bucket (`runtime/buckets.py`), runs (IO binding on CUDA; a replayed
+CUDA graph per bucket with `cuda_graphs`, see `runtime/cuda_graphs.py`), and its outputs are
+split back per request as views that stop at the real rows.
+
+The session derives the model's signature from its graph and config, once: it needs it itself
+(buckets, binding, a TensorRT profile), and the registry takes it from here.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from inferd.core.batching.batcher import BatchingPolicy, BatchRun
+from inferd.core.batching.batcher import BatchRun
+from inferd.core.batching.policy import BatchingPolicy
 from inferd.core.errors import InvalidInput
 from inferd.core.models.config import ModelConfig, ModelDefaults, ProviderOptions
 from inferd.core.models.signature import GraphTensor, derive_signature
@@ -86,7 +90,7 @@ def resolve_providers(
 ) -> Providers:
     """ONNX Runtime (provider, options) pairs in order, skipping GPU providers without a usable
     GPU; CPU always comes last as the fallback. Options are the config's, unchanged, plus
-    inferd's defaults for what it leaves out (see `cuda_providers`)."""
+    inferd's defaults for what it leaves out (see `runtime/providers.py`)."""
     chosen: Providers = []
     skipped: list[str] = []
     for key in preferences:
@@ -195,7 +199,7 @@ class OnnxRuntimeSession:
         if signature is None:
             signature = derive_signature(graph_inputs, graph_outputs, config, defaults)
             buckets = resolve_buckets(config.batch_buckets, signature.max_batch_size, on_cuda)
-        self.signature = signature
+        self.signature: ModelSignature = signature
         self.buckets = buckets
         self._batches = signature.max_batch_size > 0
         bindable = all(t.datatype in _BINDABLE for t in (*signature.inputs, *signature.outputs))
@@ -324,6 +328,11 @@ class OnnxRuntimeSession:
             start += size
         return split
 
+    @property
+    def closed(self) -> bool:
+        """Whether `close` has dropped the sessions, buffers and device memory."""
+        return not self._sessions
+
     def close(self, wait: bool = True) -> None:
         """Wait for running batches, then drop the sessions, buffers and device memory."""
         pool = getattr(self, "_pool", None)
@@ -334,6 +343,10 @@ class OnnxRuntimeSession:
             for slot in self._slots:
                 slot.close()
             self._slots.clear()
+            # The free list holds the slots (and through them the sessions) too: emptied here,
+            # so that everything is released now, under the gate, even while this object is
+            # still referenced (a closed LoadedVersion keeps its session).
+            self._free = queue.SimpleQueue()
             self._sessions.clear()
 
 

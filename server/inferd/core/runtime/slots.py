@@ -9,7 +9,8 @@ slot's buffers are reused batch after batch without locks. Three kinds, chosen b
   as the inputs (ONNX Runtime copies them to the device on its own stream), outputs are bound
   to device memory and copied back once after the run. Runs on the CPU too (outputs bound to
   "cpu"), which is how CI exercises it.
-- `GraphSlot` (CUDA graphs, in `cuda_graphs`): fixed device buffers per bucket, replayed.
+- `GraphSlot` (CUDA graphs, in `runtime/cuda_graphs.py`): fixed device buffers per bucket,
+  replayed.
 
 A slot's staged inputs are only valid until its next batch: results are always fresh arrays
 (ONNX Runtime's own for `run`, a copy for IO binding), never views of a staging buffer.
@@ -32,7 +33,7 @@ Feeds = Mapping[str, Array]
 
 
 class CudaUse(Protocol):
-    """Entered around every call that uses the GPU (see `cuda_graphs.CaptureGate`)."""
+    """Entered around every call that uses the GPU (see `CaptureGate`, runtime/cuda_graphs.py)."""
 
     def use(self) -> contextlib.AbstractContextManager[None]: ...
 

@@ -139,7 +139,7 @@ class StagingBuffer:
 
 class HostStaging:
     """One execution slot's staging buffers, one per input name. `gate`, when given, is
-    entered around pinning (see `cuda_graphs.CaptureGate`)."""
+    entered around pinning (see `CaptureGate` in `runtime/cuda_graphs.py`)."""
 
     def __init__(self, pinned: bool, gate: _Gate | None = None) -> None:
         self._pinned = pinned

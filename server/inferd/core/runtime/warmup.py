@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from inferd.core.batching.batcher import BatchExecutor, BatchingPolicy
+from inferd.core.batching.batcher import BatchExecutor
+from inferd.core.batching.policy import BatchingPolicy
 from inferd.core.errors import InvalidInput
 from inferd.core.types import Array, ModelSignature
 from inferd_wire.codec import DTYPES

@@ -3,7 +3,7 @@ Triton, MLServer. `inference.GRPCInferenceService/ModelInfer` with `raw_input_co
 load, ModelMetadata for the inputs, ModelStatistics (a Triton extension; servers without it
 answer UNIMPLEMENTED and the report then has no server-side split) for the counters.
 
-The message classes are the project's generated stubs (`gen/inference`, Triton's
+The message classes are the project's generated stubs (`inferd_wire.proto.inference`, Triton's
 grpc_service.proto names); without them this target reports why it cannot run.
 """
 
@@ -17,7 +17,7 @@ import grpc
 
 from inferd.loadtest.inputs import ModelSignature, Payload, TensorSpec
 from inferd.loadtest.server_stats import ServerCounters
-from inferd.loadtest.target import (
+from inferd.loadtest.targets.target import (
     RequestFailed,
     RequestSender,
     TargetDriver,
@@ -38,7 +38,7 @@ def load_stubs() -> tuple[ModuleType, ModuleType]:
     except ImportError as exc:
         raise TargetError(
             "Open Inference Protocol stubs not present (`from inferd_wire.proto.inference import "
-            f"grpc_service_pb2` failed: {exc}); the OIP frontend's gen/inference is missing"
+            f"grpc_service_pb2` failed: {exc})"
         ) from None
     return messages, services
 

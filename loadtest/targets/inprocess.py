@@ -17,7 +17,7 @@ import onnxruntime as ort
 
 from inferd.core.models.signature import ORT_DATATYPES
 from inferd.loadtest.inputs import ModelSignature, Payload, TensorSpec
-from inferd.loadtest.target import (
+from inferd.loadtest.targets.target import (
     RequestFailed,
     RequestSender,
     TargetDriver,

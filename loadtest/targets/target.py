@@ -19,11 +19,10 @@ from __future__ import annotations
 import abc
 import ipaddress
 import socket
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from inferd.loadtest.inputs import ModelSignature, Payload
+from inferd.loadtest.inputs import ModelSignature
 from inferd.loadtest.server_stats import ServerCounters
 
 TargetKind = Literal["native", "oip", "inprocess"]
@@ -158,32 +157,3 @@ class RequestSender(abc.ABC):
 
     @abc.abstractmethod
     async def close(self) -> None: ...
-
-
-def open_driver(spec: TargetSpec) -> TargetDriver:
-    if spec.kind == "native":
-        from inferd.loadtest.native import NativeDriver
-
-        return NativeDriver(spec)
-    if spec.kind == "oip":
-        from inferd.loadtest.oip import OipDriver
-
-        return OipDriver(spec)
-    from inferd.loadtest.inprocess import InprocessDriver
-
-    return InprocessDriver(spec)
-
-
-def open_sender(spec: TargetSpec, payloads: Sequence[Payload], timeout_s: float) -> RequestSender:
-    """Build a sender inside a worker's running event loop."""
-    if spec.kind == "native":
-        from inferd.loadtest.native import NativeSender
-
-        return NativeSender(spec, payloads, timeout_s)
-    if spec.kind == "oip":
-        from inferd.loadtest.oip import OipSender
-
-        return OipSender(spec, payloads, timeout_s)
-    from inferd.loadtest.inprocess import InprocessSender
-
-    return InprocessSender(spec, payloads)

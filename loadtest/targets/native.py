@@ -13,7 +13,7 @@ import grpc
 
 from inferd.loadtest.inputs import ModelSignature, Payload, TensorSpec
 from inferd.loadtest.server_stats import ServerCounters
-from inferd.loadtest.target import (
+from inferd.loadtest.targets.target import (
     RequestFailed,
     RequestSender,
     TargetDriver,

@@ -1,21 +1,20 @@
 """In-process ceilings on the GPU, batch-bucket padding cost, and the GPU report.
 
-    python -m inferd.loadtest.gpu_bench ceiling --model resnet50.onnx --name resnet50 --out c.json
-    python -m inferd.loadtest.gpu_bench padding --model models/cnn/1/model.onnx --max-batch 32
-    python -m inferd.loadtest.gpu_bench report --ceiling c.json --served DIR ... --out summary.md
+    python -m inferd.loadtest.bench.gpu ceiling --model resnet50.onnx --name resnet50 --out c.json
+    python -m inferd.loadtest.bench.gpu padding --model models/cnn/1/model.onnx --max-batch 32
+    python -m inferd.loadtest.bench.gpu report --ceiling c.json --served DIR ... --out summary.md
 
-`ceiling` runs ONNX Runtime directly (no server, no RPC), as ../shared/GPU.md measured it: per
-batch size, numpy in and out, IO binding with the data already on the device, and IO binding
-with the copies serving must pay (host in, host out); then several threads on one shared
-session and on a session each, and CUDA graph replay. The best items/s is what inferd's served
+`ceiling` runs ONNX Runtime directly (no server, no RPC): per batch size, numpy in and out, IO
+binding with the data already on the device, and IO binding with the copies serving must pay
+(host in, host out); then several threads on one shared session and on a session each, and
+CUDA graph replay. The best items/s is what inferd's served
 throughput is judged against, in the same run on the same machine.
 
 `padding` measures what batch buckets cost where the model runs: inferd's own runtime on the
 same sequence of random batch sizes, with and without buckets, interleaved.
 
 `report` writes the markdown table: served rows/s (from `python -m inferd.loadtest`
-report.json files)
-as a fraction of the in-process best, and batch-1 latencies.
+report.json files) as a fraction of the in-process best, and batch-1 latencies.
 """
 
 from __future__ import annotations
@@ -139,7 +138,7 @@ class Runner:
         self.binding = session.io_binding()
         self.options = ort.RunOptions()
         if mode == "iobinding-device":
-            # The GPU.md ceiling: inputs already on the device, outputs left there.
+            # The ceiling proper: inputs already on the device, outputs left there.
             self.device_inputs = {
                 k: ort.OrtValue.ortvalue_from_numpy(v, device, 0) for k, v in feeds.items()
             }
@@ -297,7 +296,8 @@ def _served_levels(report_path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-# ../shared/GPU.md / issue 7: served ÷ in-process, and batch-1 latency with CUDA graphs.
+# The GPU targets: served ÷ in-process (the ceiling measured on the device), and batch-1 latency
+# with CUDA graphs.
 THROUGHPUT_TARGETS = {"resnet50": 0.8, "bert": 0.9}
 BATCH1_GRAPHS_P50_MS = 1.3
 
@@ -389,7 +389,7 @@ def report(args: argparse.Namespace) -> str:
     lines += [
         "",
         "Modes: numpy = `session.run` on host arrays; iobinding-device = inputs already on the "
-        "GPU, outputs left there (GPU.md's ceiling); iobinding-host = host inputs bound, "
+        "GPU, outputs left there (the in-process ceiling); iobinding-host = host inputs bound, "
         "outputs copied back (what serving must pay); graph = CUDA graph replay with host "
         "copies.",
     ]
@@ -408,7 +408,7 @@ def _ints(text: str) -> list[int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m inferd.loadtest.gpu_bench", description=__doc__
+        prog="python -m inferd.loadtest.bench.gpu", description=__doc__
     )
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("ceiling", help="in-process items/s per batch, mode and threads")
