@@ -149,7 +149,9 @@ def now() -> float:
 def make_batcher(
     executor: FakeExecutor, observer: Observer | None = None, **policy: Any
 ) -> Batcher:
-    # Fake loop clock: the fine timer's sleeping thread would keep real time.
+    # Fake loop clock: the fine timer's sleeping thread would keep real time. The delay is
+    # waited out as configured unless a test turns the arrival estimate on.
+    policy.setdefault("adaptive_delay", False)
     return Batcher("m", 1, BatchingPolicy(**policy), executor, observer, fine_timer=False)
 
 
@@ -214,6 +216,31 @@ async def test_batch_fills_by_later_arrivals_dispatches_when_full() -> None:
     tasks = [submit_at(batcher, at, request(i)) for i, at in enumerate([0.0, 1.0, 2.5])]
     await answers(tasks)
     assert [(b.started, b.ids) for b in executor.batches] == [(2.5, [0, 1, 2])]
+
+
+async def test_lone_requests_are_not_held_for_a_batch_that_is_not_coming() -> None:
+    executor = FakeExecutor(cost=0.01)
+    batcher = make_batcher(executor, max_batch_size=8, max_queue_delay=1.0, adaptive_delay=True)
+    arrivals = [0.0, 5.0, 10.0, 15.0]
+    results = await answers([submit_at(batcher, at, request(i)) for i, at in enumerate(arrivals)])
+    # No estimate before a gap is known: the first waits out the delay; from the second on,
+    # requests 5 s apart are not expected within 1 s, so each leaves at once.
+    assert [r.queue_time for r in results] == pytest.approx([1.0, 0.0, 0.0, 0.0])
+    assert [(b.started, b.ids) for b in executor.batches] == [
+        (1.0, [0]),
+        (5.0, [1]),
+        (10.0, [2]),
+        (15.0, [3]),
+    ]
+
+
+async def test_requests_expected_within_the_delay_still_fill_the_batch() -> None:
+    executor = FakeExecutor(cost=0.01)
+    batcher = make_batcher(executor, max_batch_size=4, max_queue_delay=1.0, adaptive_delay=True)
+    arrivals = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
+    await answers([submit_at(batcher, at, request(i)) for i, at in enumerate(arrivals)])
+    # Arrivals 0.1 s apart are expected within the delay: the first batch fills to 4.
+    assert [b.ids for b in executor.batches][0] == [0, 1, 2, 3]
 
 
 async def test_delay_counts_from_the_oldest_request_arrival() -> None:

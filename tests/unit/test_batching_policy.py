@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from inferd.core.batching.policy import TIMER_SLACK, BatchingPolicy, next_queue
+from inferd.core.batching.policy import TIMER_SLACK, ArrivalEstimate, BatchingPolicy, next_queue
 
 # -- when a queue may dispatch ---------------------------------------------------------------
 
@@ -190,3 +190,42 @@ def test_with_no_queue_ready_look_again_when_the_first_becomes_ready() -> None:
 
 def test_with_nothing_waiting_there_is_nothing_to_wake_for() -> None:
     assert next_queue([], now=5.0) == (None, None)
+
+
+# -- the arrival estimate (adaptive_delay) ------------------------------------------------------
+
+
+def test_no_arrival_estimate_before_a_gap_is_known() -> None:
+    estimate = ArrivalEstimate(max_queue_delay=1.0)
+    assert estimate.next_arrival() is None
+    estimate.arrived(3.0)
+    assert estimate.next_arrival() is None
+    estimate.arrived(3.5)
+    assert estimate.next_arrival() == pytest.approx(4.0)
+
+
+def test_arrival_gaps_count_up_to_twice_the_delay() -> None:
+    estimate = ArrivalEstimate(max_queue_delay=1.0)
+    estimate.arrived(0.0)
+    estimate.arrived(600.0)  # a quiet ten minutes counts as a 2 s gap
+    assert estimate.next_arrival() == pytest.approx(602.0)
+
+
+def test_the_estimate_follows_the_recent_gaps() -> None:
+    estimate = ArrivalEstimate(max_queue_delay=1.0)
+    now = 0.0
+    estimate.arrived(now)
+    for _ in range(5):
+        now += 1.5
+        estimate.arrived(now)
+    for _ in range(60):
+        now += 0.1
+        estimate.arrived(now)
+    assert estimate.next_arrival() == pytest.approx(now + 0.1, abs=0.01)
+
+
+def test_a_batch_not_expected_to_grow_in_time_dispatches_now() -> None:
+    policy = BatchingPolicy(max_batch_size=8, max_queue_delay=1.0)
+    assert policy.dispatch_at(1, 0.0, 0.2, next_arrival=1.5) == 0.2
+    assert policy.dispatch_at(1, 0.0, 0.2, next_arrival=0.9) == pytest.approx(1.0)
+    assert policy.dispatch_at(1, 0.0, 0.2, next_arrival=None) == pytest.approx(1.0)

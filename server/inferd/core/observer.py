@@ -8,7 +8,7 @@ event loop and must not block.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,39 +81,56 @@ class Observer:
 
 
 class MultiObserver(Observer):
-    """Fans every event out to several observers."""
+    """Fans every event out to several observers.
+
+    Each hook calls only the observers that implement it: most hooks fire per request or per
+    batch, and most observers record a few of them (the rest are the base class's no-ops)."""
 
     def __init__(self, observers: Sequence[Observer]) -> None:
         self._observers = tuple(observers)
 
+        def implementing(hook: str) -> tuple[Callable[..., None], ...]:
+            base = getattr(Observer, hook)
+            return tuple(
+                getattr(o, hook) for o in self._observers if getattr(type(o), hook) is not base
+            )
+
+        self._request_rejected = implementing("request_rejected")
+        self._queue_depth_changed = implementing("queue_depth_changed")
+        self._queue_capacity_set = implementing("queue_capacity_set")
+        self._batch_started = implementing("batch_started")
+        self._batch_finished = implementing("batch_finished")
+        self._model_state_changed = implementing("model_state_changed")
+        self._request_finished = implementing("request_finished")
+
     def request_rejected(self, model: str, version: int, reason: RejectReason) -> None:
-        for o in self._observers:
-            o.request_rejected(model, version, reason)
+        for hook in self._request_rejected:
+            hook(model, version, reason)
 
     def queue_depth_changed(self, model: str, version: int, depth: int) -> None:
-        for o in self._observers:
-            o.queue_depth_changed(model, version, depth)
+        for hook in self._queue_depth_changed:
+            hook(model, version, depth)
 
     def queue_capacity_set(self, model: str, version: int, capacity: int) -> None:
-        for o in self._observers:
-            o.queue_capacity_set(model, version, capacity)
+        for hook in self._queue_capacity_set:
+            hook(model, version, capacity)
 
     def batch_started(self, model: str, version: int, rows: int, in_flight: int) -> None:
-        for o in self._observers:
-            o.batch_started(model, version, rows, in_flight)
+        for hook in self._batch_started:
+            hook(model, version, rows, in_flight)
 
     def batch_finished(self, report: BatchReport) -> None:
-        for o in self._observers:
-            o.batch_finished(report)
+        for hook in self._batch_finished:
+            hook(report)
 
     def model_state_changed(
         self, model: str, version: int, state: ModelState, reason: str, load_time: float | None
     ) -> None:
-        for o in self._observers:
-            o.model_state_changed(model, version, state, reason, load_time)
+        for hook in self._model_state_changed:
+            hook(model, version, state, reason, load_time)
 
     def request_finished(
         self, protocol: str, model: str, version: int | None, code: str, duration: float
     ) -> None:
-        for o in self._observers:
-            o.request_finished(protocol, model, version, code, duration)
+        for hook in self._request_finished:
+            hook(protocol, model, version, code, duration)

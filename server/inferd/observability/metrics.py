@@ -15,6 +15,34 @@ LATENCY_BUCKETS = tuple(50e-6 * 2**k for k in range(19))
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
+class _VersionSeries:
+    """One model version's metric children, looked up once: `labels()` hashes its label values
+    and takes a lock on every call, which the per-batch and per-request hooks would pay each
+    time."""
+
+    __slots__ = (
+        "batch_failures",
+        "batch_size",
+        "compute",
+        "execution_count",
+        "in_flight",
+        "inference_count",
+        "queue",
+        "queue_depth",
+    )
+
+    def __init__(self, observer: PrometheusObserver, model: str, version: str) -> None:
+        o = observer
+        self.queue = o.queue_duration.labels(model, version)
+        self.compute = o.compute_duration.labels(model, version)
+        self.batch_size = o.batch_size.labels(model, version)
+        self.inference_count = o.inference_count.labels(model, version)
+        self.execution_count = o.execution_count.labels(model, version)
+        self.batch_failures = o.batch_failures.labels(model, version)
+        self.queue_depth = o.queue_depth.labels(model, version)
+        self.in_flight = o.in_flight.labels(model, version)
+
+
 class PrometheusObserver(Observer):
     def __init__(
         self,
@@ -89,31 +117,40 @@ class PrometheusObserver(Observer):
             registry=r,
         )
 
+        self._versions: dict[tuple[str, int], _VersionSeries] = {}
+        # (protocol, model, version, code) -> (requests child, request_duration child)
+        self._requests: dict[tuple[str, str, int | None, str], tuple[Any, Any]] = {}
+
+    def _series(self, model: str, version: int) -> _VersionSeries:
+        series = self._versions.get((model, version))
+        if series is None:
+            series = self._versions[(model, version)] = _VersionSeries(self, model, str(version))
+        return series
+
     def request_rejected(self, model: str, version: int, reason: RejectReason) -> None:
         self.rejections.labels(model, str(version), reason.value).inc()
 
     def queue_depth_changed(self, model: str, version: int, depth: int) -> None:
-        self.queue_depth.labels(model, str(version)).set(depth)
+        self._series(model, version).queue_depth.set(depth)
 
     def queue_capacity_set(self, model: str, version: int, capacity: int) -> None:
         self.queue_capacity.labels(model, str(version)).set(capacity)
 
     def batch_started(self, model: str, version: int, rows: int, in_flight: int) -> None:
-        self.in_flight.labels(model, str(version)).set(in_flight)
+        self._series(model, version).in_flight.set(in_flight)
 
     def batch_finished(self, report: BatchReport) -> None:
-        labels = (report.model, str(report.version))
-        self.in_flight.labels(*labels).set(report.in_flight)
+        series = self._series(report.model, report.version)
+        series.in_flight.set(report.in_flight)
         if report.error is not None:
-            self.batch_failures.labels(*labels).inc()
+            series.batch_failures.inc()
             return
-        queue = self.queue_duration.labels(*labels)
         for wait in report.queue_times:
-            queue.observe(wait)
-        self.compute_duration.labels(*labels).observe(report.compute_time)
-        self.batch_size.labels(*labels).observe(report.rows)
-        self.inference_count.labels(*labels).inc(report.rows)
-        self.execution_count.labels(*labels).inc()
+            series.queue.observe(wait)
+        series.compute.observe(report.compute_time)
+        series.batch_size.observe(report.rows)
+        series.inference_count.inc(report.rows)
+        series.execution_count.inc()
 
     def model_state_changed(
         self, model: str, version: int, state: ModelState, reason: str, load_time: float | None
@@ -126,9 +163,19 @@ class PrometheusObserver(Observer):
     def request_finished(
         self, protocol: str, model: str, version: int | None, code: str, duration: float
     ) -> None:
-        v = "" if version is None else str(version)
-        self.requests.labels(protocol, model, v, code).inc()
-        self.request_duration.labels(protocol, model, v).observe(duration)
+        key = (protocol, model, version, code)
+        children = self._requests.get(key)
+        if children is None:
+            # The model label is a served model's name or "" (the frontends see to it), and
+            # codes are few: this map stays as small as the series it caches.
+            v = "" if version is None else str(version)
+            children = self._requests[key] = (
+                self.requests.labels(protocol, model, v, code),
+                self.request_duration.labels(protocol, model, v),
+            )
+        count, duration_histogram = children
+        count.inc()
+        duration_histogram.observe(duration)
 
     def serve(self, host: str, port: int) -> tuple[Any, int]:
         """Start the /metrics HTTP endpoint on its own thread; returns (server, bound port)."""

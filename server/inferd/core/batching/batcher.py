@@ -19,7 +19,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from inferd.core.batching.policy import BatchingPolicy, next_queue
+from inferd.core.batching.policy import ArrivalEstimate, BatchingPolicy, next_queue
 from inferd.core.batching.queue import EntryState, QueuedRequest, ShapeQueue
 from inferd.core.batching.timer import wait_until
 from inferd.core.errors import (
@@ -85,6 +85,7 @@ class Batcher:
         self._draining = False
         self._closed = False
         self._dispatcher: asyncio.Task[None] | None = None
+        self._arrivals = ArrivalEstimate(policy.max_queue_delay)
 
     @property
     def queued(self) -> int:
@@ -138,6 +139,7 @@ class Batcher:
         if queue is None:
             queue = self._queues[entry.key] = ShapeQueue()
         queue.push(entry)
+        self._arrivals.arrived(now)
         self._queued += 1
         self._observer.queue_depth_changed(self.model, self.version, self._queued)
         self._wake.set()
@@ -227,7 +229,14 @@ class Batcher:
         for key, queue in self._queues.items():
             oldest = queue.oldest_arrival()
             at = self.policy.dispatch_at(
-                queue.rows, oldest, now, queue.rows_in_order(), draining=self._draining
+                queue.rows,
+                oldest,
+                now,
+                queue.rows_in_order(),
+                draining=self._draining,
+                next_arrival=(
+                    self._arrivals.next_arrival() if self.policy.adaptive_delay else None
+                ),
             )
             yield key, oldest, at
 

@@ -34,6 +34,13 @@ class BatchingPolicy:
     slot is busy) and an idle server adds no latency. Raising it fills batches at low load at the
     cost of up to this much added latency per request."""
 
+    adaptive_delay: bool = True
+    """Stop holding a batch open when the next request is not expected before max_queue_delay
+    runs out (`ArrivalEstimate`): waiting then adds latency and fills nothing. At one request at
+    a time it measured 1.44x the throughput and 0.62x the p99 of waiting out the delay (demo mlp,
+    200 µs, c=1; unchanged at c=8: docs/benchmarks.md). Off: every batch waits out the delay
+    unless it fills, as in Triton."""
+
     preferred_batch_sizes: tuple[int, ...] = ()
     """Batch sizes dispatched as soon as they can be formed, without waiting for the delay (e.g.
     sizes the runtime is fastest at). Empty: only a full batch or the delay dispatches."""
@@ -88,24 +95,28 @@ class BatchingPolicy:
         now: float,
         rows_in_order: Iterable[int] = (),
         draining: bool = False,
+        next_arrival: float | None = None,
     ) -> float:
         """When a queue may dispatch (given a free slot): `now` if it may now, else the loop time
         at which its oldest request will have waited max_queue_delay.
 
         It may dispatch now when the batcher is draining (nothing waits for a batch to fill),
         the model has no batch dim (nothing to fill), a full batch waits, the delay has run out,
-        or the requests at its head make up a preferred size. `rows_in_order` is read only with
-        preferred sizes."""
+        the next request is not expected before the delay runs out (`next_arrival`, from
+        `ArrivalEstimate`: waiting would only add latency), or the requests at its head make up
+        a preferred size. `rows_in_order` is read only with preferred sizes."""
+        deadline = oldest_arrival + self.max_queue_delay
         if (
             draining
             or self.max_batch_size == 0
             or waiting_rows >= self.max_batch_size
             or self.delay_elapsed(oldest_arrival, now)
+            or (next_arrival is not None and next_arrival > deadline)
         ):
             return now
         if self.preferred_batch_sizes and self.preferred_prefix(rows_in_order) is not None:
             return now
-        return oldest_arrival + self.max_queue_delay
+        return deadline
 
     def preferred_prefix(self, rows_in_order: Iterable[int]) -> int | None:
         """How many requests from the head make up the largest preferred size reachable within
@@ -147,6 +158,38 @@ class BatchingPolicy:
             taken += 1
             rows += request_rows
         return taken
+
+
+class ArrivalEstimate:
+    """When the next request is expected: the last arrival plus a moving average of the gaps
+    between arrivals.
+
+    It lets a batch that is not coming stop holding the requests that wait for it: at one
+    request at a time (a client in a loop, or a quiet hour), each would otherwise sit out the
+    whole max_queue_delay on an idle slot. Gaps count up to `cap` (twice the delay), so one quiet
+    minute does not make the next burst look sparse for long; before two arrivals there is no
+    estimate and the delay applies as configured."""
+
+    __slots__ = ("_cap", "_gap", "_last")
+
+    # Weight of the newest gap: about the last ten arrivals count.
+    WEIGHT = 0.1
+
+    def __init__(self, max_queue_delay: float) -> None:
+        self._cap = 2 * max_queue_delay
+        self._last: float | None = None
+        self._gap: float | None = None
+
+    def arrived(self, now: float) -> None:
+        if self._last is not None:
+            gap = min(now - self._last, self._cap)
+            self._gap = gap if self._gap is None else self._gap + self.WEIGHT * (gap - self._gap)
+        self._last = now
+
+    def next_arrival(self) -> float | None:
+        if self._last is None or self._gap is None:
+            return None
+        return self._last + self._gap
 
 
 def next_queue(

@@ -77,6 +77,10 @@ class ModelConfig(BaseModel):
     preferred_batch_sizes: tuple[Annotated[int, Field(ge=1)], ...] = ()
     """Batch sizes dispatched as soon as they can be formed."""
 
+    adaptive_delay: bool = True
+    """Dispatch before max_queue_delay runs out when no further request is expected within it.
+    See BatchingPolicy."""
+
     max_queue_size: Annotated[int, Field(ge=1)] | None = None
     """Requests that may wait before new ones get RESOURCE_EXHAUSTED."""
 
@@ -235,4 +239,5 @@ class EffectiveConfig:
             max_queue_size=self.max_queue_size,
             instances=self.instances,
             default_priority=self.config.default_priority,
+            adaptive_delay=self.config.adaptive_delay,
         )

@@ -141,6 +141,41 @@ def _graph_tensors(
     )
 
 
+# A batch predicted to run in less than this runs on the event loop instead of a slot's
+# thread: handing it over and back (run_in_executor, the worker's wake-up, the result's
+# call_soon_threadsafe) took ~120 µs of wall time and ~110 µs of CPU per round trip on the
+# 2-core development machine (`scripts/measure_handoff.py`), more than the tiny models' whole
+# run (demo mlp: 40-90 µs per batch). Longer runs still go to threads, so the loop never
+# stalls for long.
+INLINE_BELOW = 100e-6
+
+
+class RunTimeEstimate:
+    """A moving average of a batch's run time and rows, predicting a batch's run time as linear
+    in its rows (an overestimate where a fixed cost dominates: the safe side for inlining).
+    No prediction (infinity) before the first run, so nothing runs inline unmeasured."""
+
+    __slots__ = ("_rows", "_seconds")
+
+    WEIGHT = 0.2
+
+    def __init__(self) -> None:
+        self._seconds: float | None = None
+        self._rows = 1.0
+
+    def observe(self, rows: int, seconds: float) -> None:
+        if self._seconds is None:
+            self._seconds, self._rows = seconds, float(rows)
+            return
+        self._seconds += self.WEIGHT * (seconds - self._seconds)
+        self._rows += self.WEIGHT * (rows - self._rows)
+
+    def predict(self, rows: int) -> float:
+        if self._seconds is None:
+            return float("inf")
+        return self._seconds * max(1.0, rows / self._rows)
+
+
 class OnnxRuntimeSession:
     """The ONNX Runtime session(s) of one model version and its execution slots.
 
@@ -246,6 +281,7 @@ class OnnxRuntimeSession:
         self._pool = ThreadPoolExecutor(
             max_workers=instances, thread_name_prefix=f"ort-{name or path.parent.name}"
         )
+        self._run_time = RunTimeEstimate()
         if buckets:
             log.info(
                 "model '%s': batch buckets %s on %s (%d slot(s), %d session(s)%s)",
@@ -283,8 +319,14 @@ class OnnxRuntimeSession:
     async def execute(
         self, batch: Sequence[Mapping[str, Array]], outputs: Sequence[str]
     ) -> BatchRun:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self.run_batch, batch, outputs)
+        rows = rows_in(batch) if self._batches else 1
+        if self._run_time.predict(rows) < INLINE_BELOW:
+            run = self.run_batch(batch, outputs)
+        else:
+            loop = asyncio.get_running_loop()
+            run = await loop.run_in_executor(self._pool, self.run_batch, batch, outputs)
+        self._run_time.observe(rows, run.input_time + run.infer_time + run.output_time)
+        return run
 
     def run_batch(self, batch: Sequence[Mapping[str, Array]], outputs: Sequence[str]) -> BatchRun:
         """Concatenate the requests along dim 0 (padded to the batch bucket), run once, and
