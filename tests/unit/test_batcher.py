@@ -28,7 +28,7 @@ from inferd.core.errors import (
     QueueFull,
     Unavailable,
 )
-from inferd.core.observer import MultiObserver, Observer, RejectReason
+from inferd.core.observer import BatchReport, MultiObserver, Observer, RejectReason
 from inferd.core.statistics import StatisticsRecorder, VersionStatistics
 from inferd.core.types import Array, InferRequest, InferResult
 
@@ -53,6 +53,7 @@ class ExecutedBatch:
     outputs: tuple[str, ...]
     finished: float | None = None
     failed: bool = False
+    inline: bool = False
 
     @property
     def ids(self) -> list[int]:
@@ -69,7 +70,8 @@ class FakeExecutor:
     """Answers y = 2x and z = x + 1 per request after `cost` seconds of loop time.
 
     `cost` and `fail` may be callables of the batch, for randomized runs; `fail` is an exception
-    to raise; `drop_one` returns one result too few.
+    to raise; `drop_one` returns one result too few. `inline_rows` > 0 runs batches of up to
+    that many rows inline (`run_inline`, no loop time passes); others go through `execute`.
     """
 
     cost: float | Callable[[Sequence[Mapping[str, Array]]], float] = 0.0
@@ -81,6 +83,18 @@ class FakeExecutor:
     batches: list[ExecutedBatch] = field(default_factory=list)
     running: int = 0
     most_running: int = 0
+    inline_rows: int = 0
+
+    def run_inline(
+        self, batch: Sequence[Mapping[str, Array]], outputs: Sequence[str]
+    ) -> BatchRun | None:
+        if sum(int(part["x"].shape[0]) for part in batch) > self.inline_rows:
+            return None
+        loop = asyncio.get_running_loop()
+        record = ExecutedBatch(loop.time(), list(batch), tuple(outputs), inline=True)
+        self.batches.append(record)
+        record.finished = loop.time()
+        return self._answer(batch, outputs, record, 0.0)
 
     async def execute(
         self, batch: Sequence[Mapping[str, Array]], outputs: Sequence[str]
@@ -100,6 +114,15 @@ class FakeExecutor:
         finally:
             self.running -= 1
             record.finished = loop.time()
+        return self._answer(batch, outputs, record, cost)
+
+    def _answer(
+        self,
+        batch: Sequence[Mapping[str, Array]],
+        outputs: Sequence[str],
+        record: ExecutedBatch,
+        cost: float,
+    ) -> BatchRun:
         error = self.fail(batch) if callable(self.fail) else self.fail
         if error is not None:
             record.failed = True
@@ -116,9 +139,13 @@ class RecordingObserver(Observer):
     def __init__(self) -> None:
         self.rejections: list[RejectReason] = []
         self.depths: list[int] = []
+        self.reports: list[BatchReport] = []
 
     def request_rejected(self, model: str, version: int, reason: RejectReason) -> None:
         self.rejections.append(reason)
+
+    def batch_finished(self, report: BatchReport) -> None:
+        self.reports.append(report)
 
     def queue_depth_changed(self, model: str, version: int, depth: int) -> None:
         self.depths.append(depth)
@@ -240,7 +267,47 @@ async def test_requests_expected_within_the_delay_still_fill_the_batch() -> None
     arrivals = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
     await answers([submit_at(batcher, at, request(i)) for i, at in enumerate(arrivals)])
     # Arrivals 0.1 s apart are expected within the delay: the first batch fills to 4.
-    assert [b.ids for b in executor.batches][0] == [0, 1, 2, 3]
+    assert executor.batches[0].ids == [0, 1, 2, 3]
+
+
+async def test_a_lone_request_on_an_idle_slot_runs_inline_at_once() -> None:
+    executor = FakeExecutor(inline_rows=1)
+    observer = RecordingObserver()
+    batcher = make_batcher(executor, observer, max_batch_size=8, max_queue_delay=0.0)
+    result = await batcher.submit(request(7))
+    assert_answer(result, 7)
+    assert result.queue_time == 0.0
+    assert [(b.inline, b.ids) for b in executor.batches] == [(True, [7])]
+    assert batcher.queued == 0 and batcher.in_flight == 0
+    (report,) = observer.reports
+    assert report.rows == 1 and report.error is None and report.in_flight == 0
+
+
+async def test_an_inline_run_never_overtakes_queued_requests() -> None:
+    # A 2-row request is too long to run inline: it executes for 1 s on the slot. A 1-row
+    # request arriving meanwhile finds the slot busy and queues behind it, not inline.
+    executor = FakeExecutor(cost=1.0, inline_rows=1)
+    batcher = make_batcher(executor, max_batch_size=8, max_queue_delay=0.0)
+    long = submit_at(batcher, 0.0, request(0, rows=2))
+    short = submit_at(batcher, 0.1, request(1))
+    await answers([long, short])
+    assert [(b.started, b.inline, b.ids) for b in executor.batches] == [
+        (0.0, False, [0]),
+        (1.0, False, [1]),
+    ]
+
+
+async def test_a_failed_inline_run_answers_its_request_inference_failed() -> None:
+    executor = FakeExecutor(inline_rows=1, fail=RuntimeError("index out of range"))
+    observer = RecordingObserver()
+    batcher = make_batcher(executor, observer, max_batch_size=8, max_queue_delay=0.0)
+    with pytest.raises(InferenceFailed, match="index out of range"):
+        await batcher.submit(request(3))
+    (report,) = observer.reports
+    assert isinstance(report.error, RuntimeError)
+    # The batcher stays usable.
+    executor.fail = None
+    assert_answer(await batcher.submit(request(4)), 4)
 
 
 async def test_delay_counts_from_the_oldest_request_arrival() -> None:

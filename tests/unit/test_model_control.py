@@ -137,6 +137,9 @@ class _RecordingSession:
         self.providers = inner.providers
         self.signature = inner.signature
 
+    def run_inline(self, batch: Sequence[Mapping[str, np.ndarray]], outputs: Sequence[str]) -> None:
+        return None  # every batch goes through execute(), which records it
+
     async def execute(
         self, batch: Sequence[Mapping[str, np.ndarray]], outputs: Sequence[str]
     ) -> BatchRun:

@@ -131,6 +131,9 @@ class GatedSession:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
+    def run_inline(self, batch: Any, outputs: Any) -> None:
+        return None  # every batch goes through execute()
+
     async def execute(self, batch: Sequence[Mapping[str, Any]], outputs: Sequence[str]) -> Any:
         await self._gate.wait()
         return await self._inner.execute(batch, outputs)

@@ -52,6 +52,13 @@ class BatchExecutor(Protocol):
         self, batch: Sequence[Mapping[str, Array]], outputs: Sequence[str]
     ) -> BatchRun: ...
 
+    def run_inline(
+        self, batch: Sequence[Mapping[str, Array]], outputs: Sequence[str]
+    ) -> BatchRun | None:
+        """Run the batch now, on the caller's thread, if it is short enough not to hold up the
+        event loop (faster than handing it to a thread); None, having done nothing, if not."""
+        ...
+
 
 class Batcher:
     """Queues requests for one model version and executes them in batches.
@@ -135,11 +142,15 @@ class Batcher:
                 f"(max_queue_size={self.policy.max_queue_size})"
             )
         self.start()
+        self._arrivals.arrived(now)
+        if self._may_run_now(entry, now):
+            inline = self._run_inline(entry)
+            if inline is not None:
+                return inline
         queue = self._queues.get(entry.key)
         if queue is None:
             queue = self._queues[entry.key] = ShapeQueue()
         queue.push(entry)
-        self._arrivals.arrived(now)
         self._queued += 1
         self._observer.queue_depth_changed(self.model, self.version, self._queued)
         self._wake.set()
@@ -161,6 +172,43 @@ class Batcher:
                 late = request.deadline is not None and loop.time() >= request.deadline - 0.005
                 self._reject(RejectReason.DEADLINE if late else RejectReason.CANCELLED)
             raise
+
+    def _may_run_now(self, entry: QueuedRequest, now: float) -> bool:
+        """Whether `entry` may skip the queue: nothing waits (nobody is overtaken), a slot is
+        idle, and the policy would dispatch it alone right now."""
+        return (
+            not self._queued
+            and not self._draining
+            and len(self._in_flight) < self.policy.instances
+            and self.policy.dispatch_at(
+                entry.rows,
+                now,
+                now,
+                (entry.rows,),
+                next_arrival=self._arrivals.next_arrival() if self.policy.adaptive_delay else None,
+            )
+            <= now
+        )
+
+    def _run_inline(self, entry: QueuedRequest) -> InferResult | None:
+        """The lone request on an idle slot, run at once on the event loop when the executor
+        finds it short enough (`BatchExecutor.run_inline`): no queue, dispatcher wake-up, task
+        or thread hand-off. None when the executor declines; the request then queues as usual.
+        Synchronous throughout, so nothing else runs on the loop meanwhile: the slot it uses
+        is the idle one, and no deadline can pass unseen."""
+        batch = [entry]
+        started, rows, queue_times, wanted = self._starting(batch, len(self._in_flight) + 1)
+        run: BatchRun | None = None
+        error: Exception | None = None
+        try:
+            run = self._executor.run_inline([entry.request.inputs], wanted)
+        except Exception as exc:
+            error = exc
+        if run is None and error is None:
+            return None
+        entry.state = EntryState.RUNNING
+        self._finished(batch, run, error, started, rows, queue_times, len(self._in_flight), True)
+        return entry.future.result()
 
     async def drain(self) -> None:
         """Stop accepting; execute everything already queued, without waiting for batches to
@@ -295,22 +343,47 @@ class Batcher:
     ) -> BaseException | None:
         """Execute once and answer each request its outputs; on failure, answer the error only
         when `answer_failure`. Returns the failure."""
-        rows = sum(entry.rows for entry in batch)
-        started = loop.time()
-        queue_times = tuple(started - entry.arrival for entry in batch)
-        self._observer.batch_started(self.model, self.version, rows, len(self._in_flight))
-        wanted = self._union_of_outputs(batch)
+        # This batch's task is in `_in_flight` while it runs.
+        started, rows, queue_times, wanted = self._starting(batch, len(self._in_flight))
         run: BatchRun | None = None
         error: BaseException | None = None
         try:
             run = await self._executor.execute([e.request.inputs for e in batch], wanted)
-            if len(run.outputs) != len(batch):
-                raise RuntimeError(
-                    f"executor returned {len(run.outputs)} results for {len(batch)} requests"
-                )
         except BaseException as exc:
             error = exc
-        compute_time = loop.time() - started
+        in_flight = len(self._in_flight) - 1
+        return self._finished(
+            batch, run, error, started, rows, queue_times, in_flight, answer_failure
+        )
+
+    def _starting(
+        self, batch: list[QueuedRequest], in_flight: int
+    ) -> tuple[float, int, tuple[float, ...], tuple[str, ...]]:
+        """A batch leaves for the executor, `in_flight` batches running with it: (start time,
+        rows, each request's queue time, the outputs to compute)."""
+        rows = sum(entry.rows for entry in batch)
+        started = asyncio.get_running_loop().time()
+        queue_times = tuple(started - entry.arrival for entry in batch)
+        self._observer.batch_started(self.model, self.version, rows, in_flight)
+        return started, rows, queue_times, self._union_of_outputs(batch)
+
+    def _finished(
+        self,
+        batch: list[QueuedRequest],
+        run: BatchRun | None,
+        error: BaseException | None,
+        started: float,
+        rows: int,
+        queue_times: tuple[float, ...],
+        in_flight: int,
+        answer_failure: bool,
+    ) -> BaseException | None:
+        """Report a batch's run (`in_flight` batches still running) and answer its requests
+        (see `_run`)."""
+        if error is None and (run is None or len(run.outputs) != len(batch)):
+            got = "nothing" if run is None else f"{len(run.outputs)} results"
+            error = RuntimeError(f"executor returned {got} for {len(batch)} requests")
+        compute_time = asyncio.get_running_loop().time() - started
         ok = run is not None and error is None
         self._observer.batch_finished(
             BatchReport(
@@ -324,7 +397,7 @@ class Batcher:
                 infer_time=run.infer_time if run and ok else 0.0,
                 output_time=run.output_time if run and ok else 0.0,
                 error=error,
-                in_flight=len(self._in_flight) - 1,
+                in_flight=in_flight,
                 abandoned=tuple(e.future.done() for e in batch),
                 retried=error is not None and not answer_failure,
             )
@@ -335,7 +408,7 @@ class Batcher:
         if error is not None or run is None:
             if answer_failure:
                 self._fail(batch, error)
-            return error or RuntimeError("executor returned nothing")
+            return error
         for entry, outputs, queue_time in zip(batch, run.outputs, queue_times, strict=True):
             if entry.future.done():
                 continue

@@ -319,14 +319,28 @@ class OnnxRuntimeSession:
     async def execute(
         self, batch: Sequence[Mapping[str, Array]], outputs: Sequence[str]
     ) -> BatchRun:
-        rows = rows_in(batch) if self._batches else 1
-        if self._run_time.predict(rows) < INLINE_BELOW:
-            run = self.run_batch(batch, outputs)
-        else:
+        run = self.run_inline(batch, outputs)
+        if run is None:
             loop = asyncio.get_running_loop()
             run = await loop.run_in_executor(self._pool, self.run_batch, batch, outputs)
-        self._run_time.observe(rows, run.input_time + run.infer_time + run.output_time)
+            self._observe(batch, run)
         return run
+
+    def run_inline(
+        self, batch: Sequence[Mapping[str, Array]], outputs: Sequence[str]
+    ) -> BatchRun | None:
+        """Run the batch on the calling thread when its predicted run time is under
+        INLINE_BELOW; None otherwise."""
+        rows = rows_in(batch) if self._batches else 1
+        if self._run_time.predict(rows) >= INLINE_BELOW:
+            return None
+        run = self.run_batch(batch, outputs)
+        self._observe(batch, run)
+        return run
+
+    def _observe(self, batch: Sequence[Mapping[str, Array]], run: BatchRun) -> None:
+        rows = rows_in(batch) if self._batches else 1
+        self._run_time.observe(rows, run.input_time + run.infer_time + run.output_time)
 
     def run_batch(self, batch: Sequence[Mapping[str, Array]], outputs: Sequence[str]) -> BatchRun:
         """Concatenate the requests along dim 0 (padded to the batch bucket), run once, and
