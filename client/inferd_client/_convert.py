@@ -167,6 +167,9 @@ def _time(message: Any, field: str) -> datetime | None:
     return stamp.ToDatetime(tzinfo=UTC)
 
 
+_STAGE_FIELDS = model_status_pb2.RequestStages.DESCRIPTOR.fields
+
+
 def version_status(message: model_status_pb2.VersionStatus) -> VersionStatus:
     stats = message.statistics
     return VersionStatus(
@@ -182,6 +185,11 @@ def version_status(message: model_status_pb2.VersionStatus) -> VersionStatus:
             "queue_ns": stats.queue_ns,
             "compute_ns": stats.compute_ns,
             "batch_sizes": {int(k): int(v) for k, v in sorted(stats.batch_sizes.items())},
+            # count, then ns summed over those requests: decode, queue, assemble, handoff,
+            # infer, split, encode, handler.
+            "stages": {
+                f.name: getattr(stats.stages, f.name) for f in stats.stages.DESCRIPTOR.fields
+            },
         },
     )
 

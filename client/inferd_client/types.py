@@ -60,7 +60,8 @@ class VersionStatus:
     reason: str
     # Timezone-aware (UTC); None when the server did not set it.
     last_change: datetime | None
-    # request_success, request_failure, inference_count, execution_count, queue_ns, compute_ns
+    # request_success, request_failure, inference_count, execution_count, queue_ns, compute_ns,
+    # batch_sizes, stages (per-stage ns summed over stages['count'] successful requests)
     # (ints) and batch_sizes (dict[int, int]: batch rows -> batches executed).
     statistics: dict[str, Any]
 

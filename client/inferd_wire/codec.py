@@ -37,8 +37,20 @@ DTYPES: dict[str, np.dtype] = {
 _LENGTH = struct.Struct("<I")
 
 
+# numpy dtype -> datatype name, for the dtypes arrays usually carry (native byte order
+# included): one dict lookup per tensor on the hot path instead of a scan of DTYPES.
+_NAMES: dict[np.dtype, str] = {}
+for _name, _dtype in DTYPES.items():
+    if _name != "BYTES":
+        _NAMES[_dtype] = _name
+        _NAMES[_dtype.newbyteorder("=")] = _name
+
+
 def datatype_of(array: np.ndarray) -> str:
     """The wire datatype name for a numpy array (str and bytes arrays are BYTES)."""
+    name = _NAMES.get(array.dtype)
+    if name is not None:
+        return name
     kind = array.dtype.kind
     if kind in ("O", "S", "U"):
         return "BYTES"

@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -110,6 +111,8 @@ def _status(args: argparse.Namespace) -> int:
         except InferError as exc:
             print(f"error: {exc.code.name}: {exc.details}", file=sys.stderr)
             return 1
+    if getattr(args, "stages", False):
+        return _print_stages(models)
     header = ("MODEL", "VERSION", "STATE", "OK", "FAIL", "BATCHES")
     print("{:<20} {:>7} {:<10} {:>8} {:>6} {:>8}  REASON".format(*header))
     for name, versions in models.items():
@@ -119,6 +122,23 @@ def _status(args: argparse.Namespace) -> int:
                 f"{name:<20} {v.version:>7} {v.state:<10} {s['request_success']:>8} "
                 f"{s['request_failure']:>6} {s['execution_count']:>8}  {v.reason}"
             )
+    return 0
+
+
+STAGES = ("decode", "queue", "assemble", "handoff", "infer", "split", "encode", "handler")
+
+
+def _print_stages(models: dict[str, list[Any]]) -> int:
+    """Mean microseconds per successful request in each stage of the server's path."""
+    print("{:<20} {:>7} {:>8}".format("MODEL", "VERSION", "REQUESTS"), end="")
+    print("".join(f" {stage.upper():>9}" for stage in STAGES), " (mean µs)")
+    for name, versions in models.items():
+        for v in versions:
+            stages = v.statistics["stages"]
+            count = stages["count"]
+            means = [stages[f"{s}_ns"] / count / 1e3 if count else 0.0 for s in STAGES]
+            print(f"{name:<20} {v.version:>7} {count:>8}", end="")
+            print("".join(f" {m:>9.1f}" for m in means))
     return 0
 
 
@@ -211,6 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="model versions, states and counters")
     status.add_argument("model", nargs="?")
+    status.add_argument(
+        "--stages",
+        action="store_true",
+        help="mean µs per request in each stage (decode, queue, ..., handler)",
+    )
     client_args(status)
     status.set_defaults(run=_status)
 

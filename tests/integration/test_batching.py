@@ -94,3 +94,9 @@ async def test_concurrent_requests_are_batched_and_each_row_executes_once(
     assert max(sizes) > 1, f"no batch held more than one row\n{summary}"
     assert max(sizes) <= 64, summary
     assert stats["execution_count"] < requests, summary
+    # Every answered request's path is broken down by stage, and the stages fit in the handler.
+    stages = stats["stages"]
+    assert stages["count"] == requests, stages
+    inside = ("decode", "queue", "assemble", "handoff", "infer", "split", "encode")
+    assert all(stages[f"{s}_ns"] > 0 for s in (*inside, "handler")), stages
+    assert sum(stages[f"{s}_ns"] for s in inside) <= stages["handler_ns"], stages

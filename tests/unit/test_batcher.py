@@ -911,3 +911,27 @@ async def test_every_request_gets_exactly_one_answer_under_random_load() -> None
         assert kinds[kind] > 0, kinds
     assert kinds["InvalidInput"] > 0 and kinds["CancelledError"] > 0, kinds
     assert max(b.rows for b in executor.batches) > 1
+
+
+def test_statistics_split_a_batch_into_runtime_stages_and_the_hand_off() -> None:
+    stats = VersionStatistics()
+    StatisticsRecorder(stats, clock_ns=lambda: 0).batch_finished(
+        BatchReport(
+            model="m",
+            version=1,
+            rows=2,
+            queue_times=(0.002, 0.001),
+            trace_contexts=(None, None),
+            compute_time=0.010,
+            input_time=0.001,
+            infer_time=0.005,
+            output_time=0.001,
+            error=None,
+            in_flight=0,
+        )
+    )
+    # Each of the two requests waited for its whole batch: 3 ms of it outside the runtime.
+    assert stats.handoff.count == 2
+    assert stats.handoff.ns == pytest.approx(2 * 3_000_000, abs=2)
+    assert stats.compute_infer.ns == pytest.approx(2 * 5_000_000, abs=2)
+    assert stats.queue.ns == pytest.approx(3_000_000, abs=2)

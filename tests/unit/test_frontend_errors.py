@@ -19,6 +19,7 @@ from inferd.api.inference import Limits, WireTensor
 from inferd.api.status import Unimplemented, abort_on_error, grpc_status
 from inferd.core import errors
 from inferd.core.observer import Observer
+from inferd.core.statistics import VersionStatistics
 from inferd.core.types import InferRequest, InferResult, ModelSignature, TensorSpec
 from inferd.observability.tracing import RequestTracing
 
@@ -226,6 +227,7 @@ class FakeVersion:
     signature: ModelSignature = SIGNATURE
     default_timeout: float | None = None
     received: list[InferRequest] = field(default_factory=list)
+    statistics: VersionStatistics = field(default_factory=VersionStatistics)
 
     async def infer(self, request: InferRequest) -> InferResult:
         self.received.append(request)
@@ -294,6 +296,10 @@ async def test_request_is_decoded_validated_run_and_its_outputs_encoded() -> Non
     assert (sent.model, sent.version, sent.id, sent.priority) == ("m", 3, "r1", 5)
     assert sent.deadline is not None and now + 2.0 <= sent.deadline <= now + 2.1
     assert observer.requests == [("test", "m", 3, "OK")]
+    # Its frontend stages are counted once; the handler's time holds both.
+    stats = target.statistics
+    assert stats.decode.count == stats.encode.count == stats.handler.count == 1
+    assert 0 < stats.decode.ns + stats.encode.ns <= stats.handler.ns
 
 
 async def test_request_its_protocol_cannot_decode_is_still_counted() -> None:

@@ -149,14 +149,21 @@ class DataPlane:
         accounting = Accounting(self._observer, self._registry, protocol, model, time_remaining)
         try:
             with accounting:
+                started = time.perf_counter()
                 request = decode()
                 if not request.model:
                     raise InvalidInput("model: the model name is empty")
                 target = self._registry.resolve(request.model, request.version)
                 accounting.version = target.version
-                result = await target.infer(self._validated(request, target, time_remaining))
+                validated = self._validated(request, target, time_remaining)
+                decoded = time.perf_counter()
+                result = await target.infer(validated)
+                executed = time.perf_counter()
                 with self._tracing.encode_span():
-                    return encode(_response(request.id, result))
+                    reply = encode(_response(request.id, result))
+                done = time.perf_counter()
+                target.statistics.request_served(decoded - started, done - executed, done - started)
+                return reply
         finally:
             self._tracing.annotate(model, accounting.version, request_id)
 

@@ -171,6 +171,17 @@ def version_statuses(versions: Iterable[ModelVersion]) -> list[model_status_pb2.
                     queue_ns=s.queue.ns,
                     compute_ns=s.compute_input.ns + s.compute_infer.ns + s.compute_output.ns,
                     batch_sizes=s.batch_sizes,
+                    stages=model_status_pb2.RequestStages(
+                        count=s.handler.count,
+                        decode_ns=s.decode.ns,
+                        queue_ns=s.queue.ns,
+                        assemble_ns=s.compute_input.ns,
+                        handoff_ns=s.handoff.ns,
+                        infer_ns=s.compute_infer.ns,
+                        split_ns=s.compute_output.ns,
+                        encode_ns=s.encode.ns,
+                        handler_ns=s.handler.ns,
+                    ),
                 ),
             )
         )

@@ -41,11 +41,23 @@ class VersionStatistics:
     compute_input: Duration = field(default_factory=Duration)
     compute_infer: Duration = field(default_factory=Duration)
     compute_output: Duration = field(default_factory=Duration)
+    # Per successful request, the stages around the batch: the frontend's decoding and
+    # encoding, the hand-off to the runtime and back, and the handler's whole time.
+    decode: Duration = field(default_factory=Duration)
+    handoff: Duration = field(default_factory=Duration)
+    encode: Duration = field(default_factory=Duration)
+    handler: Duration = field(default_factory=Duration)
     # Rows executed, and batches executed.
     inference_count: int = 0
     execution_count: int = 0
     batch_stats: dict[int, BatchSizeStatistics] = field(default_factory=dict)
     last_inference_ns: int = 0
+
+    def request_served(self, decode: float, encode: float, handler: float) -> None:
+        """A frontend answered a request with outputs: its own stages, in seconds."""
+        self.decode.add(decode)
+        self.encode.add(encode)
+        self.handler.add(handler)
 
     @property
     def batch_sizes(self) -> dict[int, int]:
@@ -88,6 +100,8 @@ class StatisticsRecorder(Observer):
         s.compute_input.add(report.input_time * n, n)
         s.compute_infer.add(report.infer_time * n, n)
         s.compute_output.add(report.output_time * n, n)
+        runtime = report.input_time + report.infer_time + report.output_time
+        s.handoff.add(max(report.compute_time - runtime, 0.0) * n, n)
         s.inference_count += report.rows
         s.execution_count += 1
         size = s.batch_stats.setdefault(report.rows, BatchSizeStatistics())

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from inferd_wire.proto.inferd.v1 import tensor_pb2 as inferd_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cinferd/v1/model_status.proto\x12\tinferd.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16inferd/v1/tensor.proto\"\x93\x02\n\x11VersionStatistics\x12\x17\n\x0frequest_success\x18\x01 \x01(\x04\x12\x17\n\x0frequest_failure\x18\x02 \x01(\x04\x12\x17\n\x0finference_count\x18\x03 \x01(\x04\x12\x17\n\x0f\x65xecution_count\x18\x04 \x01(\x04\x12\x10\n\x08queue_ns\x18\x05 \x01(\x04\x12\x12\n\ncompute_ns\x18\x06 \x01(\x04\x12\x41\n\x0b\x62\x61tch_sizes\x18\x07 \x03(\x0b\x32,.inferd.v1.VersionStatistics.BatchSizesEntry\x1a\x31\n\x0f\x42\x61tchSizesEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\xb9\x01\n\rVersionStatus\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.inferd.v1.ModelState\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12/\n\x0blast_change\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\nstatistics\x18\x05 \x01(\x0b\x32\x1c.inferd.v1.VersionStatistics\"H\n\x15GetModelStatusRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x07version\x18\x02 \x01(\x03H\x00\x88\x01\x01\x42\n\n\x08_version\"S\n\x16GetModelStatusResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12*\n\x08versions\x18\x02 \x03(\x0b\x32\x18.inferd.v1.VersionStatus\"\x13\n\x11ListModelsRequest\"H\n\x0cModelSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x08versions\x18\x02 \x03(\x0b\x32\x18.inferd.v1.VersionStatus\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.inferd.v1.ModelSummary\"J\n\x17GetModelMetadataRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x07version\x18\x02 \x01(\x03H\x00\x88\x01\x01\x42\n\n\x08_version\"\xac\x01\n\x10\x42\x61tchingSettings\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\r\x12\x1a\n\x12max_queue_delay_us\x18\x02 \x01(\x04\x12\x1d\n\x15preferred_batch_sizes\x18\x03 \x03(\r\x12\x16\n\x0emax_queue_size\x18\x04 \x01(\r\x12\x11\n\tinstances\x18\x05 \x01(\r\x12\x1a\n\x12\x64\x65\x66\x61ult_timeout_us\x18\x06 \x01(\x04\"\x8d\x02\n\rModelMetadata\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x10\n\x08versions\x18\x03 \x03(\x03\x12\x10\n\x08platform\x18\x04 \x01(\t\x12)\n\x06inputs\x18\x05 \x03(\x0b\x32\x19.inferd.v1.TensorMetadata\x12*\n\x07outputs\x18\x06 \x03(\x0b\x32\x19.inferd.v1.TensorMetadata\x12\x16\n\x0emax_batch_size\x18\x07 \x01(\r\x12-\n\x08\x62\x61tching\x18\x08 \x01(\x0b\x32\x1b.inferd.v1.BatchingSettings\x12\x1b\n\x13\x65xecution_providers\x18\t \x03(\t\"(\n\x17WatchModelStatusRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x92\x01\n\x10ModelStatusEvent\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.inferd.v1.ModelState\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12(\n\x04time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xa2\x01\n\nModelState\x12\x17\n\x13MODEL_STATE_UNKNOWN\x10\x00\x12\x17\n\x13MODEL_STATE_LOADING\x10\x01\x12\x15\n\x11MODEL_STATE_READY\x10\x02\x12\x19\n\x15MODEL_STATE_UNLOADING\x10\x03\x12\x18\n\x14MODEL_STATE_UNLOADED\x10\x04\x12\x16\n\x12MODEL_STATE_FAILED\x10\x05\x32\xd8\x02\n\x0bModelStatus\x12U\n\x0eGetModelStatus\x12 .inferd.v1.GetModelStatusRequest\x1a!.inferd.v1.GetModelStatusResponse\x12I\n\nListModels\x12\x1c.inferd.v1.ListModelsRequest\x1a\x1d.inferd.v1.ListModelsResponse\x12P\n\x10GetModelMetadata\x12\".inferd.v1.GetModelMetadataRequest\x1a\x18.inferd.v1.ModelMetadata\x12U\n\x10WatchModelStatus\x12\".inferd.v1.WatchModelStatusRequest\x1a\x1b.inferd.v1.ModelStatusEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cinferd/v1/model_status.proto\x12\tinferd.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16inferd/v1/tensor.proto\"\xbd\x02\n\x11VersionStatistics\x12\x17\n\x0frequest_success\x18\x01 \x01(\x04\x12\x17\n\x0frequest_failure\x18\x02 \x01(\x04\x12\x17\n\x0finference_count\x18\x03 \x01(\x04\x12\x17\n\x0f\x65xecution_count\x18\x04 \x01(\x04\x12\x10\n\x08queue_ns\x18\x05 \x01(\x04\x12\x12\n\ncompute_ns\x18\x06 \x01(\x04\x12\x41\n\x0b\x62\x61tch_sizes\x18\x07 \x03(\x0b\x32,.inferd.v1.VersionStatistics.BatchSizesEntry\x12(\n\x06stages\x18\x08 \x01(\x0b\x32\x18.inferd.v1.RequestStages\x1a\x31\n\x0f\x42\x61tchSizesEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\xb7\x01\n\rRequestStages\x12\r\n\x05\x63ount\x18\x01 \x01(\x04\x12\x11\n\tdecode_ns\x18\x02 \x01(\x04\x12\x10\n\x08queue_ns\x18\x03 \x01(\x04\x12\x13\n\x0b\x61ssemble_ns\x18\x04 \x01(\x04\x12\x12\n\nhandoff_ns\x18\x05 \x01(\x04\x12\x10\n\x08infer_ns\x18\x06 \x01(\x04\x12\x10\n\x08split_ns\x18\x07 \x01(\x04\x12\x11\n\tencode_ns\x18\x08 \x01(\x04\x12\x12\n\nhandler_ns\x18\t \x01(\x04\"\xb9\x01\n\rVersionStatus\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.inferd.v1.ModelState\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12/\n\x0blast_change\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\nstatistics\x18\x05 \x01(\x0b\x32\x1c.inferd.v1.VersionStatistics\"H\n\x15GetModelStatusRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x07version\x18\x02 \x01(\x03H\x00\x88\x01\x01\x42\n\n\x08_version\"S\n\x16GetModelStatusResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12*\n\x08versions\x18\x02 \x03(\x0b\x32\x18.inferd.v1.VersionStatus\"\x13\n\x11ListModelsRequest\"H\n\x0cModelSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x08versions\x18\x02 \x03(\x0b\x32\x18.inferd.v1.VersionStatus\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.inferd.v1.ModelSummary\"J\n\x17GetModelMetadataRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x07version\x18\x02 \x01(\x03H\x00\x88\x01\x01\x42\n\n\x08_version\"\xac\x01\n\x10\x42\x61tchingSettings\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\r\x12\x1a\n\x12max_queue_delay_us\x18\x02 \x01(\x04\x12\x1d\n\x15preferred_batch_sizes\x18\x03 \x03(\r\x12\x16\n\x0emax_queue_size\x18\x04 \x01(\r\x12\x11\n\tinstances\x18\x05 \x01(\r\x12\x1a\n\x12\x64\x65\x66\x61ult_timeout_us\x18\x06 \x01(\x04\"\x8d\x02\n\rModelMetadata\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x10\n\x08versions\x18\x03 \x03(\x03\x12\x10\n\x08platform\x18\x04 \x01(\t\x12)\n\x06inputs\x18\x05 \x03(\x0b\x32\x19.inferd.v1.TensorMetadata\x12*\n\x07outputs\x18\x06 \x03(\x0b\x32\x19.inferd.v1.TensorMetadata\x12\x16\n\x0emax_batch_size\x18\x07 \x01(\r\x12-\n\x08\x62\x61tching\x18\x08 \x01(\x0b\x32\x1b.inferd.v1.BatchingSettings\x12\x1b\n\x13\x65xecution_providers\x18\t \x03(\t\"(\n\x17WatchModelStatusRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x92\x01\n\x10ModelStatusEvent\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.inferd.v1.ModelState\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12(\n\x04time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xa2\x01\n\nModelState\x12\x17\n\x13MODEL_STATE_UNKNOWN\x10\x00\x12\x17\n\x13MODEL_STATE_LOADING\x10\x01\x12\x15\n\x11MODEL_STATE_READY\x10\x02\x12\x19\n\x15MODEL_STATE_UNLOADING\x10\x03\x12\x18\n\x14MODEL_STATE_UNLOADED\x10\x04\x12\x16\n\x12MODEL_STATE_FAILED\x10\x05\x32\xd8\x02\n\x0bModelStatus\x12U\n\x0eGetModelStatus\x12 .inferd.v1.GetModelStatusRequest\x1a!.inferd.v1.GetModelStatusResponse\x12I\n\nListModels\x12\x1c.inferd.v1.ListModelsRequest\x1a\x1d.inferd.v1.ListModelsResponse\x12P\n\x10GetModelMetadata\x12\".inferd.v1.GetModelMetadataRequest\x1a\x18.inferd.v1.ModelMetadata\x12U\n\x10WatchModelStatus\x12\".inferd.v1.WatchModelStatusRequest\x1a\x1b.inferd.v1.ModelStatusEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,34 +35,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_VERSIONSTATISTICS_BATCHSIZESENTRY']._loaded_options = None
   _globals['_VERSIONSTATISTICS_BATCHSIZESENTRY']._serialized_options = b'8\001'
-  _globals['_MODELSTATE']._serialized_start=1598
-  _globals['_MODELSTATE']._serialized_end=1760
+  _globals['_MODELSTATE']._serialized_start=1826
+  _globals['_MODELSTATE']._serialized_end=1988
   _globals['_VERSIONSTATISTICS']._serialized_start=101
-  _globals['_VERSIONSTATISTICS']._serialized_end=376
-  _globals['_VERSIONSTATISTICS_BATCHSIZESENTRY']._serialized_start=327
-  _globals['_VERSIONSTATISTICS_BATCHSIZESENTRY']._serialized_end=376
-  _globals['_VERSIONSTATUS']._serialized_start=379
-  _globals['_VERSIONSTATUS']._serialized_end=564
-  _globals['_GETMODELSTATUSREQUEST']._serialized_start=566
-  _globals['_GETMODELSTATUSREQUEST']._serialized_end=638
-  _globals['_GETMODELSTATUSRESPONSE']._serialized_start=640
-  _globals['_GETMODELSTATUSRESPONSE']._serialized_end=723
-  _globals['_LISTMODELSREQUEST']._serialized_start=725
-  _globals['_LISTMODELSREQUEST']._serialized_end=744
-  _globals['_MODELSUMMARY']._serialized_start=746
-  _globals['_MODELSUMMARY']._serialized_end=818
-  _globals['_LISTMODELSRESPONSE']._serialized_start=820
-  _globals['_LISTMODELSRESPONSE']._serialized_end=881
-  _globals['_GETMODELMETADATAREQUEST']._serialized_start=883
-  _globals['_GETMODELMETADATAREQUEST']._serialized_end=957
-  _globals['_BATCHINGSETTINGS']._serialized_start=960
-  _globals['_BATCHINGSETTINGS']._serialized_end=1132
-  _globals['_MODELMETADATA']._serialized_start=1135
-  _globals['_MODELMETADATA']._serialized_end=1404
-  _globals['_WATCHMODELSTATUSREQUEST']._serialized_start=1406
-  _globals['_WATCHMODELSTATUSREQUEST']._serialized_end=1446
-  _globals['_MODELSTATUSEVENT']._serialized_start=1449
-  _globals['_MODELSTATUSEVENT']._serialized_end=1595
-  _globals['_MODELSTATUS']._serialized_start=1763
-  _globals['_MODELSTATUS']._serialized_end=2107
+  _globals['_VERSIONSTATISTICS']._serialized_end=418
+  _globals['_VERSIONSTATISTICS_BATCHSIZESENTRY']._serialized_start=369
+  _globals['_VERSIONSTATISTICS_BATCHSIZESENTRY']._serialized_end=418
+  _globals['_REQUESTSTAGES']._serialized_start=421
+  _globals['_REQUESTSTAGES']._serialized_end=604
+  _globals['_VERSIONSTATUS']._serialized_start=607
+  _globals['_VERSIONSTATUS']._serialized_end=792
+  _globals['_GETMODELSTATUSREQUEST']._serialized_start=794
+  _globals['_GETMODELSTATUSREQUEST']._serialized_end=866
+  _globals['_GETMODELSTATUSRESPONSE']._serialized_start=868
+  _globals['_GETMODELSTATUSRESPONSE']._serialized_end=951
+  _globals['_LISTMODELSREQUEST']._serialized_start=953
+  _globals['_LISTMODELSREQUEST']._serialized_end=972
+  _globals['_MODELSUMMARY']._serialized_start=974
+  _globals['_MODELSUMMARY']._serialized_end=1046
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1048
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1109
+  _globals['_GETMODELMETADATAREQUEST']._serialized_start=1111
+  _globals['_GETMODELMETADATAREQUEST']._serialized_end=1185
+  _globals['_BATCHINGSETTINGS']._serialized_start=1188
+  _globals['_BATCHINGSETTINGS']._serialized_end=1360
+  _globals['_MODELMETADATA']._serialized_start=1363
+  _globals['_MODELMETADATA']._serialized_end=1632
+  _globals['_WATCHMODELSTATUSREQUEST']._serialized_start=1634
+  _globals['_WATCHMODELSTATUSREQUEST']._serialized_end=1674
+  _globals['_MODELSTATUSEVENT']._serialized_start=1677
+  _globals['_MODELSTATUSEVENT']._serialized_end=1823
+  _globals['_MODELSTATUS']._serialized_start=1991
+  _globals['_MODELSTATUS']._serialized_end=2335
 # @@protoc_insertion_point(module_scope)

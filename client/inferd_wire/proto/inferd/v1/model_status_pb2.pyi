@@ -27,7 +27,7 @@ MODEL_STATE_UNLOADED: ModelState
 MODEL_STATE_FAILED: ModelState
 
 class VersionStatistics(_message.Message):
-    __slots__ = ("request_success", "request_failure", "inference_count", "execution_count", "queue_ns", "compute_ns", "batch_sizes")
+    __slots__ = ("request_success", "request_failure", "inference_count", "execution_count", "queue_ns", "compute_ns", "batch_sizes", "stages")
     class BatchSizesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,7 @@ class VersionStatistics(_message.Message):
     QUEUE_NS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_NS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZES_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
     request_success: int
     request_failure: int
     inference_count: int
@@ -49,7 +50,30 @@ class VersionStatistics(_message.Message):
     queue_ns: int
     compute_ns: int
     batch_sizes: _containers.ScalarMap[int, int]
-    def __init__(self, request_success: _Optional[int] = ..., request_failure: _Optional[int] = ..., inference_count: _Optional[int] = ..., execution_count: _Optional[int] = ..., queue_ns: _Optional[int] = ..., compute_ns: _Optional[int] = ..., batch_sizes: _Optional[_Mapping[int, int]] = ...) -> None: ...
+    stages: RequestStages
+    def __init__(self, request_success: _Optional[int] = ..., request_failure: _Optional[int] = ..., inference_count: _Optional[int] = ..., execution_count: _Optional[int] = ..., queue_ns: _Optional[int] = ..., compute_ns: _Optional[int] = ..., batch_sizes: _Optional[_Mapping[int, int]] = ..., stages: _Optional[_Union[RequestStages, _Mapping]] = ...) -> None: ...
+
+class RequestStages(_message.Message):
+    __slots__ = ("count", "decode_ns", "queue_ns", "assemble_ns", "handoff_ns", "infer_ns", "split_ns", "encode_ns", "handler_ns")
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    DECODE_NS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_NS_FIELD_NUMBER: _ClassVar[int]
+    ASSEMBLE_NS_FIELD_NUMBER: _ClassVar[int]
+    HANDOFF_NS_FIELD_NUMBER: _ClassVar[int]
+    INFER_NS_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_NS_FIELD_NUMBER: _ClassVar[int]
+    ENCODE_NS_FIELD_NUMBER: _ClassVar[int]
+    HANDLER_NS_FIELD_NUMBER: _ClassVar[int]
+    count: int
+    decode_ns: int
+    queue_ns: int
+    assemble_ns: int
+    handoff_ns: int
+    infer_ns: int
+    split_ns: int
+    encode_ns: int
+    handler_ns: int
+    def __init__(self, count: _Optional[int] = ..., decode_ns: _Optional[int] = ..., queue_ns: _Optional[int] = ..., assemble_ns: _Optional[int] = ..., handoff_ns: _Optional[int] = ..., infer_ns: _Optional[int] = ..., split_ns: _Optional[int] = ..., encode_ns: _Optional[int] = ..., handler_ns: _Optional[int] = ...) -> None: ...
 
 class VersionStatus(_message.Message):
     __slots__ = ("version", "state", "reason", "last_change", "statistics")
