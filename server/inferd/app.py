@@ -111,7 +111,9 @@ class InferenceServer:
         self.gpu_metrics = GpuCollector()
         self.metrics.registry.register(self.gpu_metrics)
         self.tracer_provider = tracer_provider(config.tracing, span_processor)
-        observers: list[Observer] = [self.metrics, AccessLog(config.access_log_sample_ratio)]
+        observers: list[Observer] = [self.metrics]
+        if config.access_log_sample_ratio > 0:
+            observers.append(AccessLog(config.access_log_sample_ratio))
         if self.tracer_provider is not None:
             observers.append(TracingObserver(self.tracer_provider))
         if observer is not None:

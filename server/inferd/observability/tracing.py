@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
 from typing import Any, Literal
 
 from opentelemetry import trace
@@ -91,6 +90,9 @@ def current_span() -> Span | None:
     return span if span.get_span_context().is_valid else None
 
 
+_NO_SPAN = contextlib.nullcontext()
+
+
 class RequestTracing:
     """What a frontend records inside a request's span."""
 
@@ -101,13 +103,12 @@ class RequestTracing:
         """The request's server span, handed to the core as its opaque trace context."""
         return current_span() if self._tracer is not None else None
 
-    @contextlib.contextmanager
-    def encode_span(self) -> Iterator[None]:
+    def encode_span(self) -> contextlib.AbstractContextManager[object]:
+        """A child span around encoding the reply; with tracing off or the request unsampled,
+        a shared no-op (this runs on every request)."""
         if self._tracer is None or current_span() is None:
-            yield
-            return
-        with self._tracer.start_as_current_span("encode"):
-            yield
+            return _NO_SPAN
+        return self._tracer.start_as_current_span("encode")
 
     def annotate(self, model: str, version: int | None, request_id: str) -> None:
         if self._tracer is None:
