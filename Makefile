@@ -61,3 +61,11 @@ clean:
 .PHONY: bench
 bench: $(STAMP)
 	$(PY) -m inferd.loadtest.bench
+
+# Where inferd spends its GIL time under load: starts inferd on the bench's tiny model, drives it
+# at c=8 with inferd-loadtest and records it with py-spy (--gil --native, 200 Hz): the flame
+# graph goes to docs/profiles/inferd-c8.svg, the top functions are printed. py-spy attaches with
+# ptrace: root here; a container may need `--cap-add SYS_PTRACE`.
+.PHONY: profile
+profile: $(STAMP)
+	$(PY) scripts/profile_server.py

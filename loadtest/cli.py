@@ -33,9 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Open- and closed-loop load tests of inferd and other gRPC model servers.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(
-            "Targets: KIND:WHERE[,model=M,version=V,label=L,client_batch=N,threads=N] with KIND "
-            "native (inferd.v1), oip (Open Inference Protocol / KServe v2 gRPC) or inprocess "
-            "(onnxruntime on a model file or repository directory). Loopback addresses only."
+            "Targets: KIND:WHERE[,model=M,version=V,label=L,client_batch=N,threads=N,pid=P] "
+            "with KIND native (inferd.v1), oip (Open Inference Protocol / KServe v2 gRPC) or "
+            "inprocess (onnxruntime on a model file or repository directory). Loopback "
+            "addresses only. pid=P: the server's process, whose CPU time (descendants "
+            "included) is reported per request."
         ),
     )
     what = parser.add_argument_group("what to load")

@@ -47,6 +47,8 @@ def level_record(target: TargetReport, result: LevelResult) -> dict[str, Any]:
         "error_count": sum(measured.errors.values()),
         "cancelled_at_stop": result.cancelled,
         "server": result.server.as_dict() if result.server is not None else None,
+        "server_cpu_s": result.server_cpu_s,
+        "server_cpu_ms_per_request": result.server_cpu_ms_per_request,
     }
     if result.level.mode == "open":
         lags = measured.send_lags

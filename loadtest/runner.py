@@ -23,6 +23,7 @@ from inferd.loadtest.completions import MergedWindow, WindowSample
 from inferd.loadtest.inputs import Payload
 from inferd.loadtest.latency import agree_within
 from inferd.loadtest.levels import LoadLevel
+from inferd.loadtest.process_cpu import process_tree_cpu_s
 from inferd.loadtest.server_stats import ServerCounters, ServerSplit
 from inferd.loadtest.targets.target import TargetDriver, TargetSpec
 from inferd.loadtest.worker import (
@@ -93,10 +94,24 @@ class LevelResult:
     cancelled: int = 0
     rounds: int = 1
     extras: dict[str, object] = field(default_factory=dict)
+    # CPU seconds the server process (and its descendants) used over the measured windows;
+    # None unless the target names its pid.
+    server_cpu_s: float | None = None
 
     @property
     def requests_per_s(self) -> float:
         return self.measured.requests_per_s
+
+    @property
+    def answered(self) -> int:
+        """Requests completed in the measured windows, successes and errors."""
+        return int(self.measured.latencies.size) + sum(self.measured.errors.values())
+
+    @property
+    def server_cpu_ms_per_request(self) -> float | None:
+        if self.server_cpu_s is None or not self.answered:
+            return None
+        return self.server_cpu_s / self.answered * 1e3
 
     @property
     def rows_per_s(self) -> float:
@@ -254,6 +269,7 @@ def run_level(
     # The last window reaches us a little after its boundary; a slow machine gets 2 s grace.
     deadline = start_at + plan.time_bound_s() - plan.drain_s - 3.0
     snapshots: dict[int, ServerCounters | None] = {}
+    cpu: dict[int, float | None] = {}
     pending: dict[int, list[WindowSample]] = {}
     windows: list[MergedWindow] = []
     decision: tuple[str, bool] | None = None
@@ -261,6 +277,8 @@ def run_level(
     def snapshot(k: int) -> None:
         if k not in snapshots:
             snapshots[k] = driver.counters()
+            if pool.spec.pid is not None:
+                cpu[k] = process_tree_cpu_s(pool.spec.pid)
 
     while decision is None:
         now = time.monotonic()
@@ -293,11 +311,15 @@ def run_level(
     reason, stable = decision
     used = windows if plan.duration_s or plan.count else windows[-plan.stable_windows :]
     server: ServerSplit | None = None
+    server_cpu_s: float | None = None
     if used:
         before = snapshots.get(used[0].index)
         after = snapshots.get(used[-1].index + 1)
         if before is not None and after is not None:
             server = after.since(before)
+        cpu_before, cpu_after = cpu.get(used[0].index), cpu.get(used[-1].index + 1)
+        if cpu_before is not None and cpu_after is not None:
+            server_cpu_s = cpu_after - cpu_before
         measured = MergedWindow.combine(used)
     else:
         measured = MergedWindow.of(
@@ -313,6 +335,7 @@ def run_level(
         stop_reason=reason,
         server=server,
         cancelled=cancelled,
+        server_cpu_s=server_cpu_s,
     )
 
 

@@ -5,6 +5,7 @@ own with its combined output in a log file, stopped with a signal (SIGTERM unles
 SIGKILL when it does not exit in time. `start_inferd` runs `python -m inferd.cli serve` on free
 loopback ports and returns once the server's log names its ports and grpc.health.v1 answers
 SERVING; a server that does not get there is killed and `ServerStartError` carries its log tail.
+`start_ceiling` does the same for the framework ceiling (`inferd.loadtest.bench.ceiling`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ STOP_TIMEOUT_S = 30.0
 READY_LINE = re.compile(
     r"inferd serving (\d+) model\(s\) on ([\d.]+):(\d+) \(metrics on port (\d+|off)\)"
 )
+CEILING_READY_LINE = re.compile(r"inferd-ceiling serving (\d+) model\(s\) on ([\d.]+):(\d+)")
 
 
 class ServerStartError(RuntimeError):
@@ -207,6 +209,43 @@ def start_inferd(
     server = InferdProcess(repository, command, log_path, env=server_env(env))
     deadline = time.monotonic() + timeout
     server.wait_until(server.read_ready_line, timeout, "'inferd serving' line")
+    wait_serving(server, deadline)
+    return server
+
+
+def start_ceiling(
+    repository: Path, log_path: Path, *, timeout: float = STARTUP_TIMEOUT_S
+) -> ServerProcess:
+    """The framework ceiling (`python -m inferd.loadtest.bench.ceiling`) on the models of
+    `repository`, on a free loopback port; returns once grpc.health.v1 says SERVING."""
+    command = [
+        sys.executable,
+        "-m",
+        "inferd.loadtest.bench.ceiling",
+        "--model-repository",
+        str(repository),
+        "--port",
+        "0",
+    ]
+    server = ServerProcess(
+        "inferd-ceiling", command, log_path, env=server_env(), cwd=log_path.parent
+    )
+    deadline = time.monotonic() + timeout
+
+    def ready() -> bool:
+        match = CEILING_READY_LINE.search(server.log_text())
+        if match is not None:
+            server.port = int(match.group(3))
+        return match is not None
+
+    server.wait_until(ready, timeout, "'inferd-ceiling serving' line")
+    wait_serving(server, deadline)
+    return server
+
+
+def wait_serving(server: ServerProcess, deadline: float) -> None:
+    """Until grpc.health.v1 answers SERVING at `server.target` (ServerStartError at
+    `deadline`, a monotonic time; at least a second is allowed)."""
     with grpc.insecure_channel(server.target) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         server.wait_until(
@@ -214,7 +253,6 @@ def start_inferd(
             max(deadline - time.monotonic(), 1.0),
             "SERVING from grpc.health.v1",
         )
-    return server
 
 
 def _serving(health: health_pb2_grpc.HealthStub) -> bool:

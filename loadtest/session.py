@@ -67,6 +67,7 @@ def merge_rounds(results: Sequence[LevelResult]) -> LevelResult:
     if all(s is not None for s in splits):
         server = ServerSplit.combine(s for s in splits if s is not None)
     first = results[0]
+    cpu = [r.server_cpu_s for r in results]
     return LevelResult(
         target=first.target,
         level=first.level,
@@ -78,6 +79,7 @@ def merge_rounds(results: Sequence[LevelResult]) -> LevelResult:
         server=server,
         cancelled=sum(r.cancelled for r in results),
         rounds=len(results),
+        server_cpu_s=sum(c for c in cpu if c is not None) if None not in cpu else None,
     )
 
 

@@ -53,7 +53,7 @@ def inferd_oip_target(ctx: BenchContext, model: str) -> TargetSpec:
     return spec
 
 
-def _start_peer(ctx: BenchContext, peer: str, model: str, workers: int) -> ServerProcess:
+def start_peer(ctx: BenchContext, peer: str, model: str, workers: int) -> ServerProcess:
     file = model_file(ctx.repository, model)
     batching = batching_of(ctx.repository, model)
     if peer == "triton":
@@ -71,7 +71,7 @@ def peers(ctx: BenchContext, scenario: Scenario) -> ScenarioResult:
     with contextlib.ExitStack() as stack:
         for peer in scenario.params["peers"]:
             try:
-                server = _start_peer(
+                server = start_peer(
                     ctx, peer, model, int(scenario.params.get("mlserver_parallel_workers", 0))
                 )
             except (PeerUnavailable, ServerStartError, OSError, subprocess.SubprocessError) as exc:

@@ -4,6 +4,8 @@ peers a scenario needs) on free loopback ports, run every scenario, write docs/b
 
 A scenario that cannot run is reported as pending or failed with the exact reason, and the
 others still run. Each scenario is bounded in time; the suite takes about 15 minutes here.
+`--only 8` runs some scenarios and replaces just their sections (and summary rows, and
+figures) in the existing document.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
-from inferd.loadtest.bench import PROJECT_ROOT, peers, served
-from inferd.loadtest.bench.document import write_document
+from inferd.loadtest.bench import PROJECT_ROOT, framework, peers, served
+from inferd.loadtest.bench.document import update_document, write_document
 from inferd.loadtest.bench.repository import build_bench_repository
 from inferd.loadtest.bench.scenario import (
     BenchContext,
@@ -38,6 +40,7 @@ RUNNERS: dict[str, Callable[[BenchContext, Scenario], ScenarioResult]] = {
     "peak_rate": served.peak_rate,
     "peers": peers.peers,
     "perf_analyzer": peers.perf_analyzer_check,
+    "framework_ceiling": framework.framework_ceiling,
 }
 
 KNOWN_GAPS = [
@@ -91,7 +94,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir.mkdir(parents=True)
     document: Path = args.document.resolve()
     figures = document.parent / "benchmarks"
-    shutil.rmtree(figures, ignore_errors=True)
+    partial = bool(args.only) and document.is_file()
+    if partial:
+        for scenario in scenarios:
+            for stale in figures.glob(f"s{scenario.id}-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+    else:
+        shutil.rmtree(figures, ignore_errors=True)
     repository = build_bench_repository(workdir / "repository")
     inferd_log = workdir / "inferd.log"
     began = time.monotonic()
@@ -127,17 +136,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 inferd = ctx.inferd = start_inferd(repository, inferd_log, metrics=False)
     finally:
         ctx.inferd.stop()
-    plan = scenarios[0].plan if scenarios else load_scenarios()[0].plan
-    workers = scenarios[0].workers if scenarios else 2
-    write_document(
-        document,
-        results,
-        plan,
-        workers,
-        time.monotonic() - began,
-        "make bench" if not args.only else f"python -m inferd.loadtest.bench --only {args.only}",
-        KNOWN_GAPS,
-    )
+    command = "make bench"
+    if args.only:
+        command = f"python -m inferd.loadtest.bench --only {args.only}" + (
+            " --quick" if args.quick else ""
+        )
+    if partial:
+        update_document(document, results, command)
+    else:
+        plan = scenarios[0].plan if scenarios else load_scenarios()[0].plan
+        workers = scenarios[0].workers if scenarios else 2
+        write_document(
+            document, results, plan, workers, time.monotonic() - began, command, KNOWN_GAPS
+        )
     print(f"bench: wrote {document} (reports in {ctx.results})")
     return 0
 

@@ -10,8 +10,9 @@ A target is written `KIND:WHERE[,key=value...]`:
 
 Keys: `model`, `version`, `label` (the name in reports), `client_batch` (rows per request for
 this target only), `threads` (in-process: sessions runs at once; default 1, like one
-execution slot). Network targets must be loopback addresses: this harness never loads a
-machine it does not run on.
+execution slot), `pid` (the server's process id: its CPU time, descendants included, is read
+at the window boundaries and reported per request). Network targets must be loopback
+addresses: this harness never loads a machine it does not run on.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ class TargetSpec:
     label: str = ""
     client_batch: int | None = None
     threads: int = 1
+    # The server process whose CPU time is measured (see loadtest/process_cpu.py).
+    pid: int | None = None
 
     @property
     def name(self) -> str:
@@ -70,10 +73,10 @@ def parse_target(text: str, default_model: str = "") -> TargetSpec:
     fields: dict[str, str] = {}
     for option in options:
         key, eq, value = option.partition("=")
-        if not eq or key not in ("model", "version", "label", "client_batch", "threads"):
+        if not eq or key not in ("model", "version", "label", "client_batch", "threads", "pid"):
             raise TargetError(
                 f"target {text!r}: option {option!r} is not one of model=, version=, label=, "
-                "client_batch=, threads="
+                "client_batch=, threads=, pid="
             )
         fields[key] = value
     try:
@@ -85,6 +88,7 @@ def parse_target(text: str, default_model: str = "") -> TargetSpec:
             label=fields.get("label", ""),
             client_batch=int(fields["client_batch"]) if "client_batch" in fields else None,
             threads=int(fields.get("threads", "1")),
+            pid=int(fields["pid"]) if "pid" in fields else None,
         )
     except ValueError as exc:
         raise TargetError(f"target {text!r}: {exc}") from None

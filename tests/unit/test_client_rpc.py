@@ -120,6 +120,7 @@ def _version(number: int, state: int, reason: str = "") -> model_status_pb2.Vers
             queue_ns=1_000,
             compute_ns=2**40,
             batch_sizes={1: 8, 4: 4},
+            stages=model_status_pb2.RequestStages(count=10, decode_ns=5, handler_ns=2**41),
         ),
     )
 
@@ -335,6 +336,17 @@ def check_statuses(statuses: list[Any]) -> None:
         "queue_ns": 1_000,
         "compute_ns": 2**40,
         "batch_sizes": {1: 8, 4: 4},
+        "stages": {
+            "count": 10,
+            "decode_ns": 5,
+            "queue_ns": 0,
+            "assemble_ns": 0,
+            "handoff_ns": 0,
+            "infer_ns": 0,
+            "split_ns": 0,
+            "encode_ns": 0,
+            "handler_ns": 2**41,
+        },
     }
 
 
