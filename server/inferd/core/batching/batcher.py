@@ -87,6 +87,10 @@ class Batcher:
         self._queues: dict[tuple[Any, ...], ShapeQueue] = {}
         self._queued = 0
         self._in_flight: set[asyncio.Task[None]] = set()
+        # Batches executing. Not len(_in_flight): a task leaves that set in a done-callback,
+        # after the callers it answered have already run and sent their next requests, which
+        # would then find the slot still taken and skip the inline path.
+        self._running = 0
         self._slots = asyncio.Semaphore(policy.instances)
         self._wake = asyncio.Event()
         self._draining = False
@@ -100,7 +104,7 @@ class Batcher:
 
     @property
     def in_flight(self) -> int:
-        return len(self._in_flight)
+        return self._running
 
     @property
     def closed(self) -> bool:
@@ -179,7 +183,7 @@ class Batcher:
         return (
             not self._queued
             and not self._draining
-            and len(self._in_flight) < self.policy.instances
+            and self._running < self.policy.instances
             and self.policy.dispatch_at(
                 entry.rows,
                 now,
@@ -197,17 +201,19 @@ class Batcher:
         Synchronous throughout, so nothing else runs on the loop meanwhile: the slot it uses
         is the idle one, and no deadline can pass unseen."""
         batch = [entry]
-        started, rows, queue_times, wanted = self._starting(batch, len(self._in_flight) + 1)
+        started = asyncio.get_running_loop().time()
         run: BatchRun | None = None
         error: Exception | None = None
         try:
-            run = self._executor.run_inline([entry.request.inputs], wanted)
+            run = self._executor.run_inline([entry.request.inputs], self._union_of_outputs(batch))
         except Exception as exc:
             error = exc
         if run is None and error is None:
             return None
         entry.state = EntryState.RUNNING
-        self._finished(batch, run, error, started, rows, queue_times, len(self._in_flight), True)
+        self._observer.batch_started(self.model, self.version, entry.rows, self._running + 1)
+        queue_times = (started - entry.arrival,)
+        self._finished(batch, run, error, started, entry.rows, queue_times, self._running, True)
         return entry.future.result()
 
     async def drain(self) -> None:
@@ -250,6 +256,7 @@ class Batcher:
                 self._slots.release()
                 return
             task = loop.create_task(self._execute(batch, loop))
+            self._running += 1
             self._in_flight.add(task)
             task.add_done_callback(self._in_flight.discard)
 
@@ -336,6 +343,7 @@ class Batcher:
                     )
                     self._reject(RejectReason.DEADLINE if late else RejectReason.CANCELLED)
         finally:
+            self._running -= 1
             self._slots.release()
 
     async def _run(
@@ -343,15 +351,15 @@ class Batcher:
     ) -> BaseException | None:
         """Execute once and answer each request its outputs; on failure, answer the error only
         when `answer_failure`. Returns the failure."""
-        # This batch's task is in `_in_flight` while it runs.
-        started, rows, queue_times, wanted = self._starting(batch, len(self._in_flight))
+        # This batch counts in `_running` while it runs.
+        started, rows, queue_times, wanted = self._starting(batch, self._running)
         run: BatchRun | None = None
         error: BaseException | None = None
         try:
             run = await self._executor.execute([e.request.inputs for e in batch], wanted)
         except BaseException as exc:
             error = exc
-        in_flight = len(self._in_flight) - 1
+        in_flight = self._running - 1
         return self._finished(
             batch, run, error, started, rows, queue_times, in_flight, answer_failure
         )
