@@ -35,7 +35,7 @@ from grpc_health.v1._async import HealthServicer
 
 from inferd.app import channel_options
 from inferd.config import ServerConfig
-from inferd.core.models.config import ModelDefaults, load_model_config
+from inferd.core.models.config import EffectiveConfig, ModelDefaults, load_model_config
 from inferd.core.models.signature import GraphTensor, derive_signature
 from inferd.core.types import ModelSignature, TensorSpec
 from inferd.loadtest.targets.inprocess import create_session
@@ -156,8 +156,7 @@ def load_models(repository: Path) -> dict[str, CeilingModel]:
         signature = derive_signature(
             graph(session.get_inputs()),
             graph(session.get_outputs()),
-            load_model_config(model_dir / "config.toml"),
-            ModelDefaults(),
+            EffectiveConfig.merge(load_model_config(model_dir / "config.toml"), ModelDefaults()),
         )
         models[model_dir.name] = CeilingModel(model_dir.name, version, signature)
     return models

@@ -227,7 +227,7 @@ def padding(args: argparse.Namespace) -> dict[str, Any]:
     """inferd's runtime on the same random batch sizes with buckets on and off: one session,
     its buckets switched batch by batch (order alternating), so that both see the same
     threads, caches and machine noise."""
-    from inferd.core.models.config import ModelConfig, ModelDefaults
+    from inferd.core.models.config import EffectiveConfig, ModelConfig, ModelDefaults
     from inferd.core.runtime.buckets import default_buckets
     from inferd.core.runtime.session import OnnxRuntimeSession, resolve_providers
 
@@ -235,7 +235,9 @@ def padding(args: argparse.Namespace) -> dict[str, Any]:
     providers = resolve_providers(["cuda", "cpu"] if args.device == "cuda" else ["cpu"], {})
     buckets = tuple(args.buckets) if args.buckets else default_buckets(args.max_batch)
     config = ModelConfig(max_batch_size=args.max_batch, batch_buckets=buckets)
-    s = OnnxRuntimeSession(path, providers, config=config, defaults=ModelDefaults())
+    s = OnnxRuntimeSession(
+        path, providers, effective=EffectiveConfig.merge(config, ModelDefaults())
+    )
     buckets = s.buckets
     rng = np.random.default_rng(args.seed)
     sizes = rng.integers(1, args.max_batch + 1, args.batches_per_round).tolist()

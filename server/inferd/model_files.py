@@ -32,19 +32,15 @@ class Validation:
 def validate(
     model_file: Path, config: ModelConfig | None = None, defaults: ModelDefaults | None = None
 ) -> Validation:
-    """Load the file in ONNX Runtime (CPU) and derive what inferd would serve; raises with the
-    reason when it would fail to load."""
-    config = config or ModelConfig()
-    defaults = defaults or ModelDefaults()
+    """Load the file in ONNX Runtime (CPU, one slot) and derive what inferd would serve, with
+    the config merged over the defaults as a load merges it; raises with the reason when it
+    would fail to load."""
+    effective = EffectiveConfig.merge(config or ModelConfig(), defaults or ModelDefaults())
     session = OnnxRuntimeSession(
-        model_file,
-        resolve_providers(["cpu"], {}),
-        name="validate",
-        config=config,
-        defaults=defaults,
+        model_file, resolve_providers(["cpu"], {}), name="validate", effective=effective
     )
     try:
-        policy = EffectiveConfig.merge(config, defaults).batching_policy(session.signature)
+        policy = effective.batching_policy(session.signature)
         return Validation(session.signature, policy, session.providers)
     finally:
         session.close()

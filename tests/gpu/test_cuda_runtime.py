@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from inferd.core.batching.batcher import BatchingPolicy, BatchRun
-from inferd.core.models.config import ModelConfig, ModelDefaults
+from inferd.core.models.config import EffectiveConfig, ModelConfig, ModelDefaults
 from inferd.core.models.registry import ModelRegistry, onnxruntime_session
 from inferd.core.runtime.cuda_graphs import GraphSlot
 from inferd.core.runtime.session import OnnxRuntimeSession, resolve_providers
@@ -27,21 +27,22 @@ CPU = resolve_providers(["cpu"], {})
 WAIT = 120.0
 
 
+def effective(config: dict[str, object]) -> EffectiveConfig:
+    return EffectiveConfig.merge(ModelConfig.model_validate(config), ModelDefaults())
+
+
 def cuda_session(path: Path, instances: int = 1, **config: object) -> OnnxRuntimeSession:
-    model_config = ModelConfig.model_validate(config)
+    merged = effective(config)
     return OnnxRuntimeSession(
         path,
-        resolve_providers(["cuda", "cpu"], {}, cuda_graphs=model_config.cuda_graphs),
+        resolve_providers(["cuda", "cpu"], {}, cuda_graphs=merged.config.cuda_graphs),
         instances=instances,
-        config=model_config,
-        defaults=ModelDefaults(),
+        effective=merged,
     )
 
 
 def cpu_session(path: Path, **config: object) -> OnnxRuntimeSession:
-    return OnnxRuntimeSession(
-        path, CPU, config=ModelConfig.model_validate(config), defaults=ModelDefaults()
-    )
+    return OnnxRuntimeSession(path, CPU, effective=effective(config))
 
 
 @pytest.fixture

@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 
 from inferd.core.errors import InvalidInput
-from inferd.core.models.config import ModelConfig, ModelDefaults, VersionPolicy, load_model_config
+from inferd.core.models.config import (
+    EffectiveConfig,
+    ModelConfig,
+    ModelDefaults,
+    VersionPolicy,
+    load_model_config,
+)
 from inferd.core.models.repository import validate_model_name
 from inferd.core.models.signature import GraphTensor, derive_signature, graph_batches
 from inferd.core.types import TensorSpec
@@ -171,6 +177,11 @@ def test_version_policy_selects_nothing_from_nothing() -> None:
 DEFAULTS = ModelDefaults(max_batch_size=32)
 
 
+def effective(**fields: object) -> EffectiveConfig:
+    """A config with these fields merged over DEFAULTS, as a load merges it."""
+    return EffectiveConfig.merge(ModelConfig.model_validate(fields), DEFAULTS)
+
+
 def tensor(name: str, *shape: int | str | None, ort_type: str = "tensor(float)") -> GraphTensor:
     return GraphTensor(name, ort_type, tuple(shape))
 
@@ -179,7 +190,7 @@ def test_batch_dim_is_derived_when_every_tensor_has_a_variable_dim_0() -> None:
     inputs = [tensor("x", "batch", 64), tensor("ids", None, "seq", ort_type="tensor(int64)")]
     outputs = [tensor("y", -1, 10)]
     assert graph_batches(inputs, outputs)
-    signature = derive_signature(inputs, outputs, ModelConfig(), DEFAULTS)
+    signature = derive_signature(inputs, outputs, effective())
     assert signature.max_batch_size == 32
     assert signature.batches
     assert signature.inputs == (TensorSpec("x", "FP32", (64,)), TensorSpec("ids", "INT64", (-1,)))
@@ -189,14 +200,14 @@ def test_batch_dim_is_derived_when_every_tensor_has_a_variable_dim_0() -> None:
 
 def test_config_max_batch_size_overrides_the_default() -> None:
     signature = derive_signature(
-        [tensor("x", "n", 4)], [tensor("y", "n", 4)], ModelConfig(max_batch_size=8), DEFAULTS
+        [tensor("x", "n", 4)], [tensor("y", "n", 4)], effective(max_batch_size=8)
     )
     assert signature.max_batch_size == 8
 
 
 def test_config_max_batch_size_zero_turns_batching_off() -> None:
     signature = derive_signature(
-        [tensor("x", "n", 4)], [tensor("y", "n", 4)], ModelConfig(max_batch_size=0), DEFAULTS
+        [tensor("x", "n", 4)], [tensor("y", "n", 4)], effective(max_batch_size=0)
     )
     assert signature.max_batch_size == 0
     assert signature.inputs == (TensorSpec("x", "FP32", (-1, 4)),)
@@ -207,7 +218,7 @@ def test_fixed_dim_0_on_any_tensor_means_no_batch_dim() -> None:
     inputs = [tensor("x", "batch", 64)]
     outputs = [tensor("y", "batch", 10), tensor("stats", 2, 10)]
     assert not graph_batches(inputs, outputs)
-    signature = derive_signature(inputs, outputs, ModelConfig(), DEFAULTS)
+    signature = derive_signature(inputs, outputs, effective())
     assert signature.max_batch_size == 0
     assert not signature.batches
     assert signature.inputs == (TensorSpec("x", "FP32", (-1, 64)),)
@@ -215,7 +226,7 @@ def test_fixed_dim_0_on_any_tensor_means_no_batch_dim() -> None:
 
 
 def test_scalar_tensor_means_no_batch_dim() -> None:
-    signature = derive_signature([tensor("x", "n")], [tensor("total")], ModelConfig(), DEFAULTS)
+    signature = derive_signature([tensor("x", "n")], [tensor("total")], effective())
     assert signature.max_batch_size == 0
     assert signature.outputs == (TensorSpec("total", "FP32", ()),)
 
@@ -225,16 +236,13 @@ def test_config_max_batch_size_with_a_fixed_dim_0_is_an_error_naming_the_tensor(
         derive_signature(
             [tensor("x", "batch", 64)],
             [tensor("y", 3, 10)],
-            ModelConfig(max_batch_size=8),
-            DEFAULTS,
+            effective(max_batch_size=8),
         )
 
 
 def test_config_max_batch_size_with_a_scalar_tensor_is_an_error() -> None:
     with pytest.raises(InvalidInput, match="tensor 'total'"):
-        derive_signature(
-            [tensor("x", "n")], [tensor("total")], ModelConfig(max_batch_size=4), DEFAULTS
-        )
+        derive_signature([tensor("x", "n")], [tensor("total")], effective(max_batch_size=4))
 
 
 def test_unsupported_tensor_type_is_an_error_naming_the_tensor() -> None:
@@ -244,8 +252,7 @@ def test_unsupported_tensor_type_is_an_error_naming_the_tensor() -> None:
         derive_signature(
             [tensor("seq", "n", ort_type="tensor(complex64)")],
             [tensor("y", "n")],
-            ModelConfig(),
-            DEFAULTS,
+            effective(),
         )
 
 
@@ -265,7 +272,7 @@ def test_unsupported_tensor_type_is_an_error_naming_the_tensor() -> None:
 )
 def test_onnx_types_map_to_wire_datatypes(ort_type: str, datatype: str) -> None:
     signature = derive_signature(
-        [tensor("a", "n", ort_type=ort_type)], [tensor("b", "n")], ModelConfig(), DEFAULTS
+        [tensor("a", "n", ort_type=ort_type)], [tensor("b", "n")], effective()
     )
     assert signature.inputs[0].datatype == datatype
 
@@ -274,8 +281,7 @@ def test_symbolic_non_batch_dims_are_variable() -> None:
     signature = derive_signature(
         [tensor("ids", "batch", "sequence", None, 7)],
         [tensor("y", "batch")],
-        ModelConfig(),
-        DEFAULTS,
+        effective(),
     )
     assert signature.inputs[0].dims == (-1, -1, 7)
     assert signature.input("ids") is signature.inputs[0]

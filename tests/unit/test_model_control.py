@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from inferd.config import ServerConfig
 from inferd.core.batching.batcher import BatchRun
 from inferd.core.errors import FailedPrecondition, InvalidInput, ModelNotFound
-from inferd.core.models.config import ModelConfig, ModelDefaults
+from inferd.core.models.config import EffectiveConfig, ModelDefaults
 from inferd.core.models.control import (
     READY_MARKER,
     ControlMode,
@@ -113,11 +113,9 @@ class Recorder:
         self.batches: list[tuple[Path, list[dict[str, np.ndarray]]]] = []
         self.closed: list[Path] = []
 
-    def __call__(
-        self, path: Path, config: ModelConfig, defaults: ModelDefaults, name: str
-    ) -> ModelSession:
+    def __call__(self, path: Path, effective: EffectiveConfig, name: str) -> ModelSession:
         self.opened.append(path)
-        return _RecordingSession(onnxruntime_session(path, config, defaults, name), path, self)
+        return _RecordingSession(onnxruntime_session(path, effective, name), path, self)
 
     def rows(self, path: Path) -> list[int]:
         """Rows of each batch executed on `path`, in order."""

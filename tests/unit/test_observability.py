@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry
 
 from inferd.app import InferenceServer
 from inferd.config import ServerConfig
-from inferd.core.models.config import ModelConfig, ModelDefaults
+from inferd.core.models.config import EffectiveConfig
 from inferd.core.models.registry import ModelSession, onnxruntime_session
 from inferd.core.types import ModelState
 from inferd.demo_models import MLP_CONFIG, build_cnn, build_demo_repository, build_mlp, write_model
@@ -140,8 +140,8 @@ class GatedSession:
 
 
 def gated_factory(gate: Gate) -> Any:
-    def factory(path: Path, cfg: ModelConfig, defaults: ModelDefaults, name: str) -> Any:
-        return GatedSession(onnxruntime_session(path, cfg, defaults, name), gate)
+    def factory(path: Path, effective: EffectiveConfig, name: str) -> Any:
+        return GatedSession(onnxruntime_session(path, effective, name), gate)
 
     return factory
 

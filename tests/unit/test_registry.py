@@ -21,7 +21,7 @@ from onnx import TensorProto, helper
 from inferd.core.batching.policy import BatchingPolicy
 from inferd.core.errors import InvalidInput, ModelNotFound, Unavailable
 from inferd.core.models import signature as signature_module
-from inferd.core.models.config import ModelConfig, ModelDefaults
+from inferd.core.models.config import EffectiveConfig, ModelConfig, ModelDefaults
 from inferd.core.models.control import ModelController
 from inferd.core.models.registry import (
     LoadedVersion,
@@ -294,6 +294,40 @@ async def test_a_load_derives_the_signature_once(
         await registry.shutdown()
 
 
+async def test_a_load_merges_the_config_over_the_defaults_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = EffectiveConfig.merge
+    merged: list[EffectiveConfig] = []
+
+    def counting(
+        cls: type[EffectiveConfig], config: ModelConfig, defaults: ModelDefaults
+    ) -> EffectiveConfig:
+        merged.append(original(config, defaults))
+        return merged[-1]
+
+    monkeypatch.setattr(EffectiveConfig, "merge", classmethod(counting))
+    handed_down: list[EffectiveConfig] = []
+
+    def recording(path: Path, effective: EffectiveConfig, name: str) -> ModelSession:
+        handed_down.append(effective)
+        return onnxruntime_session(path, effective, name)
+
+    path = write_model(build_mlp(), tmp_path, "mlp", 1)
+    registry = ModelRegistry(ModelDefaults(max_batch_size=16), session_factory=recording)
+    try:
+        async with asyncio.timeout(WAIT):
+            version = await registry.load_version("mlp", 1, path, ModelConfig(instances=2))
+        assert version.state is ModelState.READY, version.reason
+        assert len(merged) == 1
+        assert handed_down[0] is merged[0], "the session gets the load's merge, not its own"
+        loaded_version = registry.resolve("mlp")
+        assert loaded_version.signature.max_batch_size == 16, "the default, via the merge"
+        assert loaded_version.policy.instances == 2
+    finally:
+        await registry.shutdown()
+
+
 async def test_model_directory_with_a_bad_config_is_skipped(tmp_path: Path) -> None:
     write_model(build_mlp(), tmp_path, "mlp", 1)
     write_model(build_mlp(), tmp_path, "typo", 1, "max_bacth_size = 8\n")
@@ -472,10 +506,10 @@ async def test_version_still_loading_at_shutdown_is_not_left_ready(tmp_path: Pat
     opened: list[ModelSession] = []
 
     def gated_onnxruntime_session(
-        path: Path, config: ModelConfig, defaults: ModelDefaults, name: str
+        path: Path, effective: EffectiveConfig, name: str
     ) -> ModelSession:
         gate.wait(WAIT)
-        opened.append(onnxruntime_session(path, config, defaults, name))
+        opened.append(onnxruntime_session(path, effective, name))
         return opened[-1]
 
     log = StateLog()

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from inferd.core.batching.batcher import BatchingPolicy
-from inferd.core.models.config import ModelConfig, ModelDefaults
+from inferd.core.models.config import EffectiveConfig, ModelConfig, ModelDefaults
 from inferd.core.models.registry import ModelRegistry, onnxruntime_session
 from inferd.core.runtime.session import OnnxRuntimeSession, resolve_providers
 from inferd.core.runtime.slots import BindingSlot, PlainSlot
@@ -58,8 +58,7 @@ def session(
         model(repo, name),
         CPU,
         instances=instances,
-        config=ModelConfig.model_validate(config),
-        defaults=ModelDefaults(),
+        effective=EffectiveConfig.merge(ModelConfig.model_validate(config), ModelDefaults()),
         io_binding=io_binding,
     )
 

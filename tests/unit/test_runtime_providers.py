@@ -16,7 +16,7 @@ import onnxruntime as ort
 import pytest
 
 from inferd.core.errors import InvalidInput
-from inferd.core.models.config import ModelConfig, ModelDefaults
+from inferd.core.models.config import EffectiveConfig, ModelConfig, ModelDefaults
 from inferd.core.models.registry import onnxruntime_session
 from inferd.core.runtime import session
 from inferd.core.runtime.providers import (
@@ -164,6 +164,10 @@ def test_tensorrt_profile_of_a_vector_input() -> None:
 # -- what the session asks ONNX Runtime for -----------------------------------------------------
 
 
+def merged(config: ModelConfig) -> EffectiveConfig:
+    return EffectiveConfig.merge(config, ModelDefaults())
+
+
 class RecordedSessions:
     def __init__(self) -> None:
         self.calls: list[list[tuple[str, dict[str, Any]]]] = []
@@ -197,7 +201,7 @@ def test_session_asks_for_cuda_with_its_options(repo: Path, recorded: RecordedSe
         max_batch_size=8,
         instances=2,
     )
-    s = onnxruntime_session(repo / "mlp" / "1" / "model.onnx", config, ModelDefaults(), "mlp-1")
+    s = onnxruntime_session(repo / "mlp" / "1" / "model.onnx", merged(config), "mlp-1")
     try:
         assert recorded.calls == [
             [
@@ -225,7 +229,7 @@ def test_tensorrt_session_is_built_with_a_profile_from_the_buckets(
         max_batch_size=16,
         batch_buckets=(2, 8),
     )
-    s = onnxruntime_session(repo / "cnn" / "1" / "model.onnx", config, ModelDefaults(), "cnn-1")
+    s = onnxruntime_session(repo / "cnn" / "1" / "model.onnx", merged(config), "cnn-1")
     try:
         # First a CPU read of the graph (the profile needs its inputs), then the real session.
         assert recorded.calls[0] == [(CPU_EP, {})]
@@ -255,7 +259,7 @@ def test_tensorrt_profile_takes_declared_dims(repo: Path, recorded: RecordedSess
         }
     )
     path = repo / "text_encoder" / "1" / "model.onnx"
-    s = onnxruntime_session(path, config, ModelDefaults(), "text-1")
+    s = onnxruntime_session(path, merged(config), "text-1")
     try:
         trt_options = recorded.calls[1][0][1]
         assert trt_options["trt_profile_max_shapes"] == "input_ids:4x32,attention_mask:4x32"
@@ -280,7 +284,7 @@ def test_cpu_only_session_is_unchanged_by_gpu_options(repo: Path) -> None:
     s = OnnxRuntimeSession(
         repo / "mlp" / "1" / "model.onnx",
         resolve_providers(["cuda", "cpu"], {"cuda": {"device_id": 0}}),
-        config=ModelConfig(max_batch_size=8, cuda_graphs=True),
+        effective=merged(ModelConfig(max_batch_size=8, cuda_graphs=True)),
     )
     try:
         assert s.providers == (CPU_EP,)

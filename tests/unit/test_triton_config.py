@@ -10,7 +10,12 @@ from pathlib import Path
 import pytest
 
 from inferd.core.errors import InvalidInput
-from inferd.core.models.config import ModelDefaults, TensorDeclaration, VersionPolicy
+from inferd.core.models.config import (
+    EffectiveConfig,
+    ModelDefaults,
+    TensorDeclaration,
+    VersionPolicy,
+)
 from inferd.core.models.repository import ModelRepository
 from inferd.core.models.signature import derive_signature
 from inferd.core.models.triton_config import load_triton_config
@@ -172,7 +177,8 @@ def _signature(tmp_path: Path, text: str, build=build_mlp, name: str = "mlp"):
         write_model(build(), tmp_path, name), resolve_providers(["cpu"], {})
     )
     try:
-        return derive_signature(session.inputs, session.outputs, triton.config, ModelDefaults())
+        effective = EffectiveConfig.merge(triton.config, ModelDefaults())
+        return derive_signature(session.inputs, session.outputs, effective)
     finally:
         session.close()
 

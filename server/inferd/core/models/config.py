@@ -187,11 +187,15 @@ class ModelDefaults(BaseModel):
 @dataclass(frozen=True, slots=True)
 class EffectiveConfig:
     """What one model version runs with: its config.toml over the server's defaults, merged in
-    this one place. max_batch_size is not here: its default also depends on the graph (see
-    `derive_signature`), so it is part of the signature."""
+    this one place, once per load (`models/loading.py`), and handed down from there: nothing
+    below the load sees `ModelDefaults`. The resolved max_batch_size is not here: whether the
+    default applies depends on the graph, so it is the signature's (`derive_signature`)."""
 
     config: ModelConfig
     """The model's config as written: declarations, execution fields, version policy."""
+    default_max_batch_size: int
+    """The server's max_batch_size, for a config that gives none. Only a candidate: the
+    signature applies it when every input and output has a variable dim 0, else uses 0."""
     max_queue_delay_us: int
     max_queue_size: int
     instances: int
@@ -203,6 +207,7 @@ class EffectiveConfig:
     def merge(cls, config: ModelConfig, defaults: ModelDefaults) -> EffectiveConfig:
         return cls(
             config=config,
+            default_max_batch_size=defaults.max_batch_size,
             max_queue_delay_us=(
                 defaults.max_queue_delay_us
                 if config.max_queue_delay_us is None

@@ -1,4 +1,5 @@
-"""Loading one version's files into a `LoadedVersion`: the session (which derives the
+"""Loading one version's files into a `LoadedVersion`: the config merged over the server's
+defaults (once: everything below takes the `EffectiveConfig`), the session (which derives the
 signature), the batching policy, warm-up and the batcher, made in one place."""
 
 from __future__ import annotations
@@ -8,24 +9,22 @@ from collections.abc import Callable
 from pathlib import Path
 
 from inferd.core.batching.batcher import Batcher
-from inferd.core.batching.policy import BatchingPolicy
 from inferd.core.models.config import EffectiveConfig, ModelConfig, ModelDefaults
 from inferd.core.models.version import LoadedVersion, ModelSession
 from inferd.core.observer import MultiObserver, Observer
 from inferd.core.runtime.session import OnnxRuntimeSession, resolve_providers
 from inferd.core.runtime.warmup import load_samples, warm_up
 from inferd.core.statistics import StatisticsRecorder, VersionStatistics
-from inferd.core.types import ModelSignature
 
-SessionFactory = Callable[[Path, ModelConfig, ModelDefaults, str], ModelSession]
+# (model file, its effective config, a name for logs and threads) -> an open session.
+SessionFactory = Callable[[Path, EffectiveConfig, str], ModelSession]
 
 
-def onnxruntime_session(
-    path: Path, config: ModelConfig, defaults: ModelDefaults, name: str
-) -> ModelSession:
-    """The production session: providers from the config, execution fields (batch buckets,
-    CUDA graphs, sessions per slot) applied by the runtime. Blocks: call it off the loop."""
-    effective = EffectiveConfig.merge(config, defaults)
+def onnxruntime_session(path: Path, effective: EffectiveConfig, name: str) -> ModelSession:
+    """The production session: providers, threads and slots from the effective config,
+    execution fields (batch buckets, CUDA graphs, sessions per slot) applied by the runtime.
+    Blocks: call it off the loop."""
+    config = effective.config
     providers = resolve_providers(
         effective.execution_providers, config.provider_options, cuda_graphs=config.cuda_graphs
     )
@@ -35,16 +34,8 @@ def onnxruntime_session(
         intra_op_threads=effective.intra_op_threads,
         instances=effective.instances,
         name=name,
-        config=config,
-        defaults=defaults,
+        effective=effective,
     )
-
-
-def batching_policy(
-    config: ModelConfig, signature: ModelSignature, defaults: ModelDefaults
-) -> BatchingPolicy:
-    """The batcher's policy: the model's config.toml over the server's defaults."""
-    return EffectiveConfig.merge(config, defaults).batching_policy(signature)
 
 
 async def load_files(
@@ -60,7 +51,7 @@ async def load_files(
     """Open, warm and wrap one version's files; `statistics` are kept by its batcher. Raises on
     any failure, leaving nothing open."""
     effective = EffectiveConfig.merge(config, defaults)
-    session = await asyncio.to_thread(session_factory, path, config, defaults, f"{name}-{number}")
+    session = await asyncio.to_thread(session_factory, path, effective, f"{name}-{number}")
     try:
         signature = session.signature
         policy = effective.batching_policy(signature)

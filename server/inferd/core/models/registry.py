@@ -15,7 +15,6 @@ from inferd.core.errors import ModelNotFound, Unavailable
 from inferd.core.models.config import ModelConfig, ModelDefaults
 from inferd.core.models.loading import (
     SessionFactory,
-    batching_policy,
     load_files,
     onnxruntime_session,
 )
@@ -33,7 +32,6 @@ __all__ = [
     "ModelStatusEvent",
     "ModelVersion",
     "SessionFactory",
-    "batching_policy",
     "onnxruntime_session",
 ]
 

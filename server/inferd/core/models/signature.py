@@ -1,5 +1,5 @@
 """Derive a model's signature (inputs, outputs, datatypes, batch dim) from its ONNX graph and
-config: what the frontends validate requests against."""
+effective config: what the frontends validate requests against."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from inferd.core.errors import InvalidInput
-from inferd.core.models.config import ModelConfig, ModelDefaults, TensorDeclaration
+from inferd.core.models.config import EffectiveConfig, TensorDeclaration
 from inferd.core.types import ModelSignature, TensorSpec
 
 # ONNX Runtime's type strings -> wire datatype names.
@@ -52,12 +52,15 @@ def graph_batches(inputs: Sequence[GraphTensor], outputs: Sequence[GraphTensor])
 def derive_signature(
     inputs: Sequence[GraphTensor],
     outputs: Sequence[GraphTensor],
-    config: ModelConfig,
-    defaults: ModelDefaults,
+    effective: EffectiveConfig,
 ) -> ModelSignature:
+    """The graph's tensors narrowed by the config's declarations. max_batch_size: the config's
+    (which needs a batch dim to batch along), else the server's default where the graph
+    batches, else 0."""
+    config = effective.config
     batches = graph_batches(inputs, outputs)
     if config.max_batch_size is None:
-        max_batch_size = defaults.max_batch_size if batches else 0
+        max_batch_size = effective.default_max_batch_size if batches else 0
     else:
         max_batch_size = config.max_batch_size
         if max_batch_size > 0 and not batches:

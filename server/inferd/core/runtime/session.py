@@ -7,8 +7,9 @@ zero-padded up to its batch bucket (`runtime/buckets.py`), runs (IO binding on C
 CUDA graph per bucket with `cuda_graphs`, see `runtime/cuda_graphs.py`), and its outputs are
 split back per request as views that stop at the real rows.
 
-The session derives the model's signature from its graph and config, once: it needs it itself
-(buckets, binding, a TensorRT profile), and the registry takes it from here.
+The session derives the model's signature from its graph and effective config (merged by the
+load, `models/loading.py`), once: it needs it itself (buckets, binding, a TensorRT profile), and
+the registry takes it from here.
 """
 
 from __future__ import annotations
@@ -30,7 +31,12 @@ import onnxruntime as ort
 from inferd.core.batching.batcher import BatchRun
 from inferd.core.batching.policy import BatchingPolicy
 from inferd.core.errors import InvalidInput
-from inferd.core.models.config import ModelConfig, ModelDefaults, ProviderOptions
+from inferd.core.models.config import (
+    EffectiveConfig,
+    ModelConfig,
+    ModelDefaults,
+    ProviderOptions,
+)
 from inferd.core.models.signature import GraphTensor, derive_signature
 from inferd.core.runtime.buckets import bucket_for, resolve_buckets
 from inferd.core.runtime.cuda_graphs import CAPTURE_GATE, GraphSlot
@@ -184,9 +190,11 @@ class OnnxRuntimeSession:
     own thread pool (one thread per slot); ONNX Runtime releases the GIL while it runs, so the
     event loop keeps serving.
 
-    `config` and `defaults` give the execution fields (batch_buckets, cuda_graphs,
-    session_per_instance) and what the batch dim is; left out, none apply. `io_binding` None
-    binds on CUDA only; True binds on the CPU too (tests).
+    `effective` (the version's config over the server's defaults) gives the execution fields
+    (batch_buckets, cuda_graphs, session_per_instance) and what the batch dim is; left out, an
+    empty config over the built-in defaults: none apply. Threads and slots are arguments of
+    their own, so a caller may open fewer than configured (`inferd models validate` opens one).
+    `io_binding` None binds on CUDA only; True binds on the CPU too (tests).
     """
 
     def __init__(
@@ -196,12 +204,12 @@ class OnnxRuntimeSession:
         intra_op_threads: int = 0,
         instances: int = 1,
         name: str = "",
-        config: ModelConfig | None = None,
-        defaults: ModelDefaults | None = None,
+        effective: EffectiveConfig | None = None,
         io_binding: bool | None = None,
     ) -> None:
-        config = config or ModelConfig()
-        defaults = defaults or ModelDefaults()
+        if effective is None:
+            effective = EffectiveConfig.merge(ModelConfig(), ModelDefaults())
+        config = effective.config
         requested = [
             (p, cuda_options(o, config.cuda_graphs) if p == CUDA else dict(o)) for p, o in providers
         ]
@@ -213,7 +221,7 @@ class OnnxRuntimeSession:
             # TensorRT builds its engine at session creation, so the profile (from the batch
             # buckets) must be known before: read the graph once on the CPU first.
             probe = _load(path, [("CPUExecutionProvider", {})], 1)
-            signature = derive_signature(*_graph_tensors(probe), config, defaults)
+            signature = derive_signature(*_graph_tensors(probe), effective)
             del probe
             buckets = resolve_buckets(config.batch_buckets, signature.max_batch_size, True)
             requested = [
@@ -232,7 +240,7 @@ class OnnxRuntimeSession:
         self._output_names = [o.name for o in self.outputs]
         on_cuda = self.providers[0] in (CUDA, TENSORRT)
         if signature is None:
-            signature = derive_signature(graph_inputs, graph_outputs, config, defaults)
+            signature = derive_signature(graph_inputs, graph_outputs, effective)
             buckets = resolve_buckets(config.batch_buckets, signature.max_batch_size, on_cuda)
         self.signature: ModelSignature = signature
         self.buckets = buckets
