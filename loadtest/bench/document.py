@@ -32,6 +32,8 @@ from inferd.loadtest.runner import MeasurementPlan
 REPRODUCE_HEADING = "## Reproduce, or measure something else"
 SUMMARY_HEADING = "## The ratios"
 CLIENT_HEADING = "## Client cost"
+# Measured by hand with the commands it names (the request path's stages and A/B runs).
+PATH_HEADING = "## Per-request path"
 GPU_HEADING = "## GPU"
 # A section not in the document goes before the first of these (after the scenarios).
 BEFORE = (CLIENT_HEADING, REPRODUCE_HEADING)
@@ -136,7 +138,9 @@ def write_document(
     previous = path.read_text() if path.exists() else ""
     # The client's section comes from its own benchmark, not from this suite: keep it.
     client = find_section(split_sections(previous), CLIENT_HEADING)
-    kept_client = [client.rstrip("\n")] if client else []
+    kept_by_hand = [client.rstrip("\n")] if client else []
+    request_path = find_section(split_sections(previous), PATH_HEADING)
+    kept_by_hand += [request_path.rstrip("\n")] if request_path else []
     text = "\n\n".join(
         [
             "# Benchmarks",
@@ -150,7 +154,7 @@ def write_document(
             SUMMARY_HEADING,
             _summary(results),
             *(_section(r) for r in results),
-            *kept_client,
+            *kept_by_hand,
             REPRODUCE_HEADING,
             REPRODUCE,
             "## Known gaps",
