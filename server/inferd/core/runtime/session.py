@@ -327,11 +327,12 @@ class OnnxRuntimeSession:
     async def execute(
         self, batch: Sequence[Mapping[str, Array]], outputs: Sequence[str]
     ) -> BatchRun:
-        run = self.run_inline(batch, outputs)
+        real = rows_in(batch) if self._batches else 1
+        run = self._run_if_short(batch, outputs, real)
         if run is None:
             loop = asyncio.get_running_loop()
-            run = await loop.run_in_executor(self._pool, self.run_batch, batch, outputs)
-            self._observe(batch, run)
+            run = await loop.run_in_executor(self._pool, self.run_batch, batch, outputs, real)
+            self._run_time.observe(real, run.input_time + run.infer_time + run.output_time)
         return run
 
     def run_inline(
@@ -339,23 +340,30 @@ class OnnxRuntimeSession:
     ) -> BatchRun | None:
         """Run the batch on the calling thread when its predicted run time is under
         INLINE_BELOW; None otherwise."""
-        rows = rows_in(batch) if self._batches else 1
-        if self._run_time.predict(rows) >= INLINE_BELOW:
+        return self._run_if_short(batch, outputs, rows_in(batch) if self._batches else 1)
+
+    def _run_if_short(
+        self, batch: Sequence[Mapping[str, Array]], outputs: Sequence[str], real: int
+    ) -> BatchRun | None:
+        if self._run_time.predict(real) >= INLINE_BELOW:
             return None
-        run = self.run_batch(batch, outputs)
-        self._observe(batch, run)
+        run = self.run_batch(batch, outputs, real)
+        self._run_time.observe(real, run.input_time + run.infer_time + run.output_time)
         return run
 
-    def _observe(self, batch: Sequence[Mapping[str, Array]], run: BatchRun) -> None:
-        rows = rows_in(batch) if self._batches else 1
-        self._run_time.observe(rows, run.input_time + run.infer_time + run.output_time)
-
-    def run_batch(self, batch: Sequence[Mapping[str, Array]], outputs: Sequence[str]) -> BatchRun:
+    def run_batch(
+        self,
+        batch: Sequence[Mapping[str, Array]],
+        outputs: Sequence[str],
+        real: int | None = None,
+    ) -> BatchRun:
         """Concatenate the requests along dim 0 (padded to the batch bucket), run once, and
-        split the outputs back: views of each request's rows, never a padding row."""
+        split the outputs back: views of each request's rows, never a padding row. `real` is
+        the batch's rows, when the caller has counted them."""
         names = list(outputs) or self._output_names
         t0 = time.perf_counter()
-        real = rows_in(batch) if self._batches else 1
+        if real is None:
+            real = rows_in(batch) if self._batches else 1
         rows = bucket_for(real, self.buckets) if self._batches else None
         slot = self._free.get()
         try:
