@@ -39,11 +39,12 @@ _LENGTH = struct.Struct("<I")
 
 # numpy dtype -> datatype name, for the dtypes arrays usually carry (native byte order
 # included): one dict lookup per tensor on the hot path instead of a scan of DTYPES.
-_NAMES: dict[np.dtype, str] = {}
-for _name, _dtype in DTYPES.items():
-    if _name != "BYTES":
-        _NAMES[_dtype] = _name
-        _NAMES[_dtype.newbyteorder("=")] = _name
+_NAMES: dict[np.dtype, str] = {
+    dtype: name
+    for name, little_endian in DTYPES.items()
+    if name != "BYTES"
+    for dtype in (little_endian, little_endian.newbyteorder("="))
+}
 
 
 def datatype_of(array: np.ndarray) -> str:

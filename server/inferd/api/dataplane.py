@@ -20,6 +20,7 @@ from inferd.api.inference import (
     decode_inputs,
 )
 from inferd.api.status import status_code
+from inferd.core.batching.batcher import DEADLINE_SLACK
 from inferd.core.errors import InferdError, InvalidInput, ModelNotFound
 from inferd.core.models.registry import (
     LoadedVersion,
@@ -81,8 +82,8 @@ class Accounting:
         self._registry = registry
         self._protocol = protocol
         self._model = model
-        self._started = time.perf_counter()
-        self._deadline = None if time_remaining is None else self._started + time_remaining
+        self.started = time.perf_counter()
+        self._deadline = None if time_remaining is None else self.started + time_remaining
         self.version: int | None = None
 
     def __enter__(self) -> Accounting:
@@ -95,18 +96,14 @@ class Accounting:
         elif isinstance(exc, InferdError):
             code = status_code(exc).name
         elif isinstance(exc, asyncio.CancelledError):
-            late = self._deadline is not None and now >= self._deadline - _DEADLINE_SLACK
+            late = self._deadline is not None and now >= self._deadline - DEADLINE_SLACK
             code = "DEADLINE_EXCEEDED" if late else "CANCELLED"
         else:
             code = "INTERNAL"
         label = self._model if self._registry.knows(self._model) else ""
         self._observer.request_finished(
-            self._protocol, label, self.version, code, now - self._started
+            self._protocol, label, self.version, code, now - self.started
         )
-
-
-# gRPC cancels a handler at its deadline, measured on another clock: allow for the skew.
-_DEADLINE_SLACK = 0.005
 
 
 class DataPlane:
@@ -149,7 +146,7 @@ class DataPlane:
         accounting = Accounting(self._observer, self._registry, protocol, model, time_remaining)
         try:
             with accounting:
-                started = time.perf_counter()
+                started = accounting.started
                 request = decode()
                 if not request.model:
                     raise InvalidInput("model: the model name is empty")

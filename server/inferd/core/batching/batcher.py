@@ -32,6 +32,10 @@ from inferd.core.errors import (
 from inferd.core.observer import BatchReport, Observer, RejectReason
 from inferd.core.types import Array, InferRequest, InferResult
 
+# A caller's transport cancels it at its deadline, measured on another clock: a cancellation
+# this close to the deadline is the deadline, not the caller going away.
+DEADLINE_SLACK = 0.005
+
 
 @dataclass(frozen=True, slots=True)
 class BatchRun:
@@ -173,7 +177,10 @@ class Batcher:
         except asyncio.CancelledError:
             if self._unqueue(entry):
                 # gRPC cancels the caller at its deadline: count that as the deadline it is.
-                late = request.deadline is not None and loop.time() >= request.deadline - 0.005
+                late = (
+                    request.deadline is not None
+                    and loop.time() >= request.deadline - DEADLINE_SLACK
+                )
                 self._reject(RejectReason.DEADLINE if late else RejectReason.CANCELLED)
             raise
 
