@@ -452,6 +452,52 @@ async def test_request_past_its_deadline_at_submit_is_rejected_at_once() -> None
     assert executor.batches == []
 
 
+async def test_request_the_queued_work_would_keep_past_its_deadline_is_shed_at_once() -> None:
+    executor = FakeExecutor(cost=1.0)
+    observer = RecordingObserver()
+    batcher = make_batcher(executor, observer, max_batch_size=1)
+    assert_answer(await settle(batcher.submit(request(0))), 0)  # measures a batch: 1 s
+    backlog = [submit_at(batcher, 1.5, request(i)) for i in (1, 2, 3)]
+    await asyncio.sleep(0.625)
+    assert (batcher.in_flight, batcher.queued) == (1, 2)
+    # One batch running, two queued, then its own: ~4 s, past a deadline 2.5 s away.
+    with pytest.raises(QueueFull, match="overloaded"):
+        await batcher.submit(request(4, deadline=now() + 2.5))
+    assert now() == 1.625, "shed requests are answered at once"
+    assert observer.rejections == [RejectReason.SHED]
+    patient = submit_at(batcher, 1.625, request(5, deadline=now() + 10.0))
+    results = await answers([*backlog, patient])
+    for result, ident in zip(results, (1, 2, 3, 5), strict=True):
+        assert_answer(result, ident)
+    assert 4 not in [i for b in executor.batches for i in b.ids]
+
+
+async def test_nothing_is_shed_before_a_batch_time_was_measured() -> None:
+    executor = FakeExecutor(cost=1.0)
+    batcher = make_batcher(executor, max_batch_size=1)
+    tasks = [submit_at(batcher, 0.0, request(i, deadline=1.5)) for i in range(2)]
+    first, second = await answers(tasks)
+    assert_answer(first, 0)
+    assert isinstance(second, DeadlineExceeded)
+
+
+async def test_request_whose_batch_would_end_after_its_deadline_is_never_executed() -> None:
+    costs = iter([0.5, 2.0, 0.5])
+    executor = FakeExecutor(cost=lambda batch: next(costs))
+    observer = RecordingObserver()
+    batcher = make_batcher(executor, observer, max_batch_size=1)
+    assert_answer(await settle(batcher.submit(request(0))), 0)  # measures 0.5 s
+    slow = submit_at(batcher, 1.0, request(1))  # runs 1.0 .. 3.0
+    # Admitted at 1.1 (~1 s of work ahead), but at 3.0 its batch would end past 3.5.
+    late = submit_at(batcher, 1.1, request(2, deadline=3.5))
+    results = await answers([slow, late])
+    assert_answer(results[0], 1)
+    assert isinstance(results[1], DeadlineExceeded)
+    assert "would pass before its batch finished" in results[1].message
+    assert [b.ids for b in executor.batches] == [[0], [1]]
+    assert observer.rejections == [RejectReason.DEADLINE]
+
+
 async def test_cancelled_request_leaves_the_queue_and_is_never_executed() -> None:
     executor = FakeExecutor(cost=1.0)
     observer = RecordingObserver()

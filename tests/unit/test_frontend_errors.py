@@ -13,6 +13,7 @@ import grpc
 import numpy as np
 import pytest
 
+from inferd.api import status
 from inferd.api.control_auth import ControlAuth, requires_control_token
 from inferd.api.dataplane import DataPlane, InferenceRequest, InferenceResponse
 from inferd.api.inference import Limits, WireTensor
@@ -33,8 +34,12 @@ class Aborted(Exception):
 
 
 class FakeContext:
-    def __init__(self, metadata: tuple[tuple[str, str], ...] = ()) -> None:
+    def __init__(self, metadata: tuple[tuple[str, str], ...] = (), cancelled: bool = False) -> None:
         self.metadata = metadata
+        self._cancelled = cancelled
+
+    def cancelled(self) -> bool:
+        return self._cancelled
 
     async def abort(self, code: grpc.StatusCode, details: str = "") -> None:
         raise Aborted(code, details)
@@ -116,6 +121,21 @@ async def test_unary_method_error_aborts_with_its_status() -> None:
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         "queue of 'm' is full",
     )
+
+
+async def test_error_whose_caller_left_ends_quietly_and_is_counted() -> None:
+    before = status.unanswered.count
+    with pytest.raises(asyncio.CancelledError):
+        await Servicer(errors.QueueFull("queue of 'm' is full")).Unary(
+            1, FakeContext(cancelled=True)
+        )
+    assert status.unanswered.count == before + 1
+
+
+def test_status_message_is_clipped_to_fit_the_trailers() -> None:
+    code, message = status.grpc_status(errors.InvalidInput("x" * 100_000))
+    assert code is grpc.StatusCode.INVALID_ARGUMENT
+    assert len(message) <= status.MAX_MESSAGE and message.endswith("(100000 characters)")
 
 
 async def test_unmapped_error_escapes_unchanged_for_grpc_to_answer() -> None:

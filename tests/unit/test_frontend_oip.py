@@ -75,11 +75,20 @@ def test_negative_timeout_is_refused() -> None:
     assert options_refused(request) == "parameter 'timeout' must not be negative, got -5"
 
 
-@pytest.mark.parametrize("version", ["x", "-1", "1.0", " 1"])
-def test_model_version_that_is_not_a_number_is_refused(version: str) -> None:
+@pytest.mark.parametrize("version", ["x", "-1", "1.0", " 1", "²", "1" * 19, "٣"])
+def test_model_version_that_is_not_a_small_number_is_refused(version: str) -> None:
     request = infer_request()
     request.model_version = version
-    assert options_refused(request) == f"model_version: {version!r} is not a version number"
+    assert options_refused(request) == (
+        f"model_version: {version!r} is not a version number (1 to 18 digits 0-9)"
+    )
+
+
+def test_a_huge_version_string_is_quoted_in_part() -> None:
+    request = infer_request()
+    request.model_version = "9" * 5000
+    message = options_refused(request)
+    assert len(message) < 300 and "(5002 characters)" in message
 
 
 def test_empty_version_leaves_the_choice_to_the_policy() -> None:
@@ -136,21 +145,24 @@ def test_typed_contents_become_the_same_bytes_as_raw_contents(
 ) -> None:
     tensor = pb.ModelInferRequest.InferInputTensor(name="a", datatype=datatype, shape=[3])
     getattr(tensor.contents, field).extend(values)
-    contents = oip_tensors.typed_contents_bytes(tensor)
-    assert from_wire(datatype, [3], contents).tolist() == values
+    contents = oip_tensors.typed_contents(tensor)
+    assert not isinstance(contents, bytes)
+    assert from_wire(datatype, [3], contents.to_bytes()).tolist() == values
 
 
 def test_typed_bytes_contents_are_length_prefixed() -> None:
     tensor = pb.ModelInferRequest.InferInputTensor(name="s", datatype="BYTES", shape=[2])
     tensor.contents.bytes_contents.extend([b"ab", b""])
-    assert oip_tensors.typed_contents_bytes(tensor) == b"\2\0\0\0ab\0\0\0\0"
+    contents = oip_tensors.typed_contents(tensor)
+    assert not isinstance(contents, bytes)
+    assert contents.to_bytes() == b"\2\0\0\0ab\0\0\0\0"
 
 
 def test_typed_contents_must_hold_the_shapes_element_count() -> None:
     tensor = pb.ModelInferRequest.InferInputTensor(name="a", datatype="INT32", shape=[2, 2])
     tensor.contents.int_contents.extend([1, 2, 3])
     with pytest.raises(InvalidInput) as info:
-        oip_tensors.typed_contents_bytes(tensor)
+        oip_tensors.typed_contents(tensor)
     assert info.value.message == (
         "input 'a': contents.int_contents holds 3 elements; shape [2, 2] of INT32 needs 4"
     )
@@ -160,14 +172,14 @@ def test_typed_contents_must_hold_the_shapes_element_count() -> None:
 def test_half_precision_has_no_typed_field_and_must_be_sent_raw(datatype: str) -> None:
     tensor = pb.ModelInferRequest.InferInputTensor(name="h", datatype=datatype, shape=[1])
     with pytest.raises(InvalidInput, match=f"input 'h': {datatype} has no typed contents field"):
-        oip_tensors.typed_contents_bytes(tensor)
+        oip_tensors.typed_contents(tensor)
 
 
 def test_unknown_datatype_or_negative_dim_is_left_to_the_shared_validation() -> None:
     unknown = pb.ModelInferRequest.InferInputTensor(name="a", datatype="FP128", shape=[1])
     negative = pb.ModelInferRequest.InferInputTensor(name="a", datatype="FP32", shape=[-1])
-    assert oip_tensors.typed_contents_bytes(unknown) == b""
-    assert oip_tensors.typed_contents_bytes(negative) == b""
+    assert oip_tensors.typed_contents(unknown) == b""
+    assert oip_tensors.typed_contents(negative) == b""
 
 
 # --- refused extensions -----------------------------------------------------------------------

@@ -18,6 +18,7 @@ from inferd.api.inference import (
     absolute_deadline,
     check_outputs,
     decode_inputs,
+    heavy,
 )
 from inferd.api.status import status_code
 from inferd.core.batching.batcher import DEADLINE_SLACK
@@ -29,7 +30,7 @@ from inferd.core.models.registry import (
     ModelVersion,
 )
 from inferd.core.observer import Observer
-from inferd.core.types import InferRequest, InferResult, ModelState
+from inferd.core.types import Array, InferRequest, InferResult, ModelState
 from inferd.observability.tracing import RequestTracing
 from inferd_wire.codec import to_wire
 
@@ -152,7 +153,15 @@ class DataPlane:
                     raise InvalidInput("model: the model name is empty")
                 target = self._registry.resolve(request.model, request.version)
                 accounting.version = target.version
-                validated = self._validated(request, target, time_remaining)
+                if heavy(request.inputs):
+                    inputs = await asyncio.to_thread(
+                        decode_inputs, request.model, target.signature, request.inputs, self._limits
+                    )
+                else:
+                    inputs = decode_inputs(
+                        request.model, target.signature, request.inputs, self._limits
+                    )
+                validated = self._validated(request, target, inputs, time_remaining)
                 decoded = time.perf_counter()
                 result = await target.infer(validated)
                 executed = time.perf_counter()
@@ -165,14 +174,17 @@ class DataPlane:
             self._tracing.annotate(model, accounting.version, request_id)
 
     def _validated(
-        self, request: InferenceRequest, target: LoadedVersion, time_remaining: float | None
+        self,
+        request: InferenceRequest,
+        target: LoadedVersion,
+        inputs: dict[str, Array],
+        time_remaining: float | None,
     ) -> InferRequest:
-        """The core's request, once `request` matches what `target` declares."""
-        signature = target.signature
+        """The core's request, its `inputs` decoded (`decode_inputs`) for `target`."""
         return InferRequest(
             model=request.model,
-            inputs=decode_inputs(request.model, signature, request.inputs, self._limits),
-            outputs=check_outputs(request.model, signature, request.outputs),
+            inputs=inputs,
+            outputs=check_outputs(request.model, target.signature, request.outputs),
             version=target.version,
             id=request.id,
             priority=request.priority,

@@ -6,12 +6,29 @@ by the wire codec (`inferd_wire.codec.from_wire`, the client's decoder too)."""
 from __future__ import annotations
 
 import asyncio
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
-from inferd.core.errors import InvalidInput
+import numpy as np
+
+from inferd.core.errors import InvalidInput, clipped, quoted
 from inferd.core.types import Array, ModelSignature
 from inferd_wire.codec import element_count, from_wire
+
+
+class TypedContents(Protocol):
+    """Contents a frontend still has to convert to wire bytes (the Open Inference Protocol's
+    typed fields): converted only once the tensor has passed every check, so that a request
+    for a model that does not exist, or of the wrong shape, costs no conversion."""
+
+    count: int
+    """Elements it holds."""
+
+    def to_bytes(self) -> bytes:
+        """The wire contents; InvalidInput when a value does not fit the datatype."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,13 +38,33 @@ class WireTensor:
     name: str
     datatype: str
     shape: Sequence[int]
-    contents: bytes
+    contents: bytes | TypedContents
 
 
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_elements: int
     """Elements per request, all inputs together."""
+    max_bytes_elements: int = 1 << 20
+    """BYTES elements per request, all inputs together: each becomes a Python object."""
+
+
+# Decoding more than this many typed or BYTES elements (each a Python object) takes longer
+# than ~2 ms: such a request decodes on a worker thread, not on the event loop.
+HEAVY_ELEMENTS = 4096
+
+
+def heavy(tensors: Sequence[WireTensor]) -> bool:
+    """Whether decoding `tensors` would hold the event loop for more than a few milliseconds
+    (see HEAVY_ELEMENTS); raw fixed-size tensors decode without a copy, whatever their size."""
+    for tensor in tensors:
+        contents = tensor.contents
+        if isinstance(contents, bytes):
+            if tensor.datatype == "BYTES" and len(contents) > 4 * HEAVY_ELEMENTS:
+                return True
+        elif contents.count > HEAVY_ELEMENTS:
+            return True
+    return False
 
 
 def decode_inputs(
@@ -37,21 +74,21 @@ def decode_inputs(
     batch: tuple[str, int] | None = None
     # Symbolic dim name -> (input, axis, size) where first seen.
     named: dict[str, tuple[str, int, int]] = {}
-    elements_total = 0
+    elements_total = text_total = 0
     for tensor in tensors:
         name = tensor.name
         spec = signature.input(name)
         if spec is None:
             expected = [s.name for s in signature.inputs]
             raise InvalidInput(
-                f"input '{name}' is not an input of model '{model}'; expected {expected}"
+                f"input {quoted(name)} is not an input of model '{model}'; expected {expected}"
             )
         if name in inputs:
             raise InvalidInput(f"input '{name}' appears more than once")
         if tensor.datatype != spec.datatype:
             raise InvalidInput(
-                f"input '{name}': datatype {tensor.datatype or '(empty)'} does not match the "
-                f"model's {spec.datatype}"
+                f"input '{name}': datatype {clipped(tensor.datatype) or '(empty)'} does not "
+                f"match the model's {spec.datatype}"
             )
         shape = [int(d) for d in tensor.shape]
         expected_shape = list(signature.full_shape(spec))
@@ -95,34 +132,80 @@ def decode_inputs(
                     f"{first[1]} is {first[2]}; the model names both '{dim_name}', so they "
                     "must agree"
                 )
-        elements_total += element_count(shape)
+        count = element_count(shape)
+        elements_total += count
         if elements_total > limits.max_elements:
             raise InvalidInput(
                 f"input '{name}': {elements_total} elements in the request exceed the limit "
                 f"of {limits.max_elements}"
             )
-        inputs[name] = _array(name, spec.datatype, shape, tensor.contents)
+        if spec.datatype == "BYTES":
+            text_total += count
+            if text_total > limits.max_bytes_elements:
+                raise InvalidInput(
+                    f"input '{name}': {text_total} BYTES elements in the request exceed the "
+                    f"limit of {limits.max_bytes_elements}"
+                )
+        contents = tensor.contents
+        if not isinstance(contents, bytes):
+            contents = contents.to_bytes()
+        inputs[name] = _array(name, spec.datatype, shape, count, contents)
     missing = [s.name for s in signature.inputs if s.name not in inputs]
     if missing:
         raise InvalidInput(f"missing input(s) {missing} for model '{model}'")
     return inputs
 
 
-def _array(name: str, datatype: str, shape: list[int], contents: bytes) -> Array:
+def _array(name: str, datatype: str, shape: list[int], count: int, contents: bytes) -> Array:
+    if datatype == "BYTES":
+        return _text(name, contents, count).reshape(shape)
     try:
-        array = from_wire(datatype, shape, contents)
+        return from_wire(datatype, shape, contents)
     except ValueError as exc:
         raise InvalidInput(f"input '{name}': {exc}") from None
-    if datatype == "BYTES":
-        # ONNX Runtime takes string tensors as str (bytes objects reach the model as
-        # "b'...'"), and fails the whole batch on text it cannot encode: check it here.
-        elements = array.reshape(-1)  # a view: from_wire's arrays are contiguous
-        for i, element in enumerate(elements):
-            try:
-                elements[i] = element.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise InvalidInput(f"input '{name}' (element {i}): {exc}") from None
-    return array
+
+
+_LENGTH = struct.Struct("<I")
+
+
+def _text(name: str, raw: bytes, count: int) -> Array:
+    """BYTES elements as `str` (ONNX Runtime takes string tensors as str: bytes objects would
+    reach the model as "b'...'", and text it cannot encode fails the whole batch, so UTF-8 is
+    checked here), in one pass over the length-prefixed contents. The count is checked against
+    what the bytes can hold before anything is allocated."""
+    size = len(raw)
+    if count > size // _LENGTH.size:
+        raise InvalidInput(
+            f"input '{name}': {size} bytes cannot hold {count} BYTES elements (each needs a "
+            "4-byte length)"
+        )
+    out = np.empty(count, dtype=object)
+    unpack = _LENGTH.unpack_from
+    offset = 0
+    for i in range(count):
+        if offset + 4 > size:
+            raise InvalidInput(
+                f"input '{name}': BYTES element {i}: length prefix runs past the end of the "
+                "contents"
+            )
+        (length,) = unpack(raw, offset)
+        offset += 4
+        end = offset + length
+        if end > size:
+            raise InvalidInput(
+                f"input '{name}': BYTES element {i}: declares {length} bytes, only "
+                f"{size - offset} remain"
+            )
+        try:
+            out[i] = raw[offset:end].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidInput(f"input '{name}' (element {i}): {exc}") from None
+        offset = end
+    if offset != size:
+        raise InvalidInput(
+            f"input '{name}': {size - offset} bytes left over after {count} BYTES elements"
+        )
+    return out
 
 
 def check_outputs(model: str, signature: ModelSignature, names: Sequence[str]) -> tuple[str, ...]:
@@ -131,7 +214,7 @@ def check_outputs(model: str, signature: ModelSignature, names: Sequence[str]) -
     for name in names:
         if name not in known:
             raise InvalidInput(
-                f"requested output '{name}' is not an output of model '{model}'; "
+                f"requested output {quoted(name)} is not an output of model '{model}'; "
                 f"expected {sorted(known)}"
             )
         if name in seen:

@@ -13,6 +13,7 @@ from inferd.api.dataplane import DataPlane, InferenceRequest, InferenceResponse
 from inferd.api.inference import WireTensor
 from inferd.api.status import ANSWERED, abort_on_error, grpc_status
 from inferd.api.streaming import answer_concurrently
+from inferd.api.wire import Incoming
 from inferd.core.models.registry import LoadedVersion, ModelStatusEvent, ModelVersion
 from inferd.core.types import ModelState
 from inferd_wire.proto.inferd.v1 import (
@@ -49,13 +50,21 @@ class PredictServicer(predict_pb2_grpc.PredictServicer):
     @abort_on_error
     async def PredictStream(
         self,
-        request_iterator: AsyncIterator[predict_pb2.PredictRequest],
+        request_iterator: AsyncIterator[Incoming[predict_pb2.PredictRequest]],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[predict_pb2.PredictStreamResponse]:
         """Requests run concurrently (so they can share batches); each is answered as soon as
-        it is done, with its own status. At most `stream_window` are in flight."""
+        it is done, with its own status, a message that did not parse included (with an empty
+        id). At most `stream_window` are in flight."""
 
-        async def answer(request: predict_pb2.PredictRequest) -> predict_pb2.PredictStreamResponse:
+        async def answer(
+            incoming: Incoming[predict_pb2.PredictRequest],
+        ) -> predict_pb2.PredictStreamResponse:
+            request = incoming.message
+            if request is None:  # refused before it was parsed: no id to answer with
+                code, message = incoming.refusal or (grpc.StatusCode.INTERNAL, "")
+                error = predict_pb2.RequestStatus(code=code.value[0], message=message)
+                return predict_pb2.PredictStreamResponse(error=error)
             try:
                 response = await self._predict(request, context.time_remaining())
                 return predict_pb2.PredictStreamResponse(id=request.id, response=response)

@@ -18,6 +18,7 @@ from inferd.api.control_auth import ControlAuth, requires_control_token
 from inferd.api.dataplane import DataPlane
 from inferd.api.status import ANSWERED, Unimplemented, abort_on_error, grpc_status
 from inferd.api.streaming import answer_concurrently
+from inferd.api.wire import Incoming
 from inferd.core.models.control import ModelController
 from inferd.core.models.registry import LoadedVersion
 from inferd_wire.proto.inference import grpc_service_pb2 as pb
@@ -130,14 +131,18 @@ class GRPCInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @abort_on_error
     async def ModelStreamInfer(
         self,
-        request_iterator: AsyncIterator[pb.ModelInferRequest],
+        request_iterator: AsyncIterator[Incoming[pb.ModelInferRequest]],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Requests run concurrently (so they can share batches); each is answered as soon as
         it is done. A failed request is answered with error_message (and its id); the stream
         goes on. At most `stream_window` requests are in flight."""
 
-        async def answer(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+        async def answer(incoming: Incoming[pb.ModelInferRequest]) -> pb.ModelStreamInferResponse:
+            request = incoming.message
+            if request is None:  # refused before it was parsed
+                _code, message = incoming.refusal or (grpc.StatusCode.INTERNAL, "")
+                return pb.ModelStreamInferResponse(error_message=message)
             try:
                 response = await self._infer(request, context.time_remaining())
                 return pb.ModelStreamInferResponse(infer_response=response)

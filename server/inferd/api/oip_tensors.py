@@ -8,13 +8,14 @@ parameter types); everything a model declares is checked once, by `server/inferd
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from inferd.api.dataplane import InferenceRequest, InferenceResponse
-from inferd.api.inference import WireTensor
+from inferd.api.inference import TypedContents, WireTensor
 from inferd.api.status import Unimplemented
-from inferd.core.errors import InvalidInput
+from inferd.core.errors import InvalidInput, quoted
 from inferd_wire.codec import element_count, wire_contents
 from inferd_wire.proto.inference import grpc_service_pb2 as pb
 
@@ -61,12 +62,18 @@ def infer_request(request: pb.ModelInferRequest) -> InferenceRequest:
     )
 
 
+VERSION = re.compile(r"[0-9]{1,18}")
+
+
 def parse_version(field: str, version: str) -> int | None:
-    """ "" -> None (the policy's choice); a decimal number -> that version."""
+    """ "" -> None (the policy's choice); up to 18 ASCII digits -> that version (what a
+    repository's version directories may be named: `core/models/repository.py`)."""
     if not version:
         return None
-    if not version.isdecimal():
-        raise InvalidInput(f"{field}: {version!r} is not a version number")
+    if VERSION.fullmatch(version) is None:
+        raise InvalidInput(
+            f"{field}: {quoted(version)} is not a version number (1 to 18 digits 0-9)"
+        )
     return int(version)
 
 
@@ -116,19 +123,21 @@ def wire_tensors(request: pb.ModelInferRequest) -> list[WireTensor]:
                 )
             contents = raw[i]
         else:
-            contents = typed_contents_bytes(tensor)
+            contents = typed_contents(tensor)
         tensors.append(WireTensor(tensor.name, tensor.datatype, tensor.shape, contents))
     return tensors
 
 
-def typed_contents_bytes(tensor: pb.ModelInferRequest.InferInputTensor) -> bytes:
-    """The typed `contents` of one input as raw little-endian bytes (BYTES: length-prefixed),
-    after checking that the datatype's field holds exactly product(shape) elements. An unknown
-    datatype or a negative dim gives b"": the shared validation names that problem."""
+def typed_contents(tensor: pb.ModelInferRequest.InferInputTensor) -> TypedContents | bytes:
+    """The typed `contents` of one input, to convert once the tensor has passed every check
+    (`inference.py`), after checking that the datatype's field holds exactly product(shape)
+    elements. An unknown datatype or a negative dim gives b"": the shared validation names
+    that problem."""
     name, datatype = tensor.name, tensor.datatype
     if datatype in RAW_ONLY:
         raise InvalidInput(
-            f"input '{name}': {datatype} has no typed contents field; send it in raw_input_contents"
+            f"input {quoted(name)}: {datatype} has no typed contents field; send it in "
+            "raw_input_contents"
         )
     field = TYPED_FIELDS.get(datatype)
     shape = [int(d) for d in tensor.shape]
@@ -138,15 +147,30 @@ def typed_contents_bytes(tensor: pb.ModelInferRequest.InferInputTensor) -> bytes
     count = element_count(shape)
     if len(values) != count:
         raise InvalidInput(
-            f"input '{name}': contents.{field} holds {len(values)} elements; shape {shape} "
+            f"input {quoted(name)}: contents.{field} holds {len(values)} elements; shape {shape} "
             f"of {datatype} needs {count}"
         )
-    try:
-        return wire_contents(datatype, values)
-    except (OverflowError, ValueError):
-        raise InvalidInput(
-            f"input '{name}': contents.{field} holds a value out of range for {datatype}"
-        ) from None
+    return _Typed(name, datatype, field, values, count)
+
+
+@dataclass(frozen=True, slots=True)
+class _Typed:
+    """One input's typed contents (`inference.TypedContents`)."""
+
+    name: str
+    datatype: str
+    field: str
+    values: Sequence[object]
+    count: int
+
+    def to_bytes(self) -> bytes:
+        try:
+            return wire_contents(self.datatype, self.values)
+        except (OverflowError, ValueError):
+            raise InvalidInput(
+                f"input {quoted(self.name)}: contents.{self.field} holds a value out of range "
+                f"for {self.datatype}"
+            ) from None
 
 
 def requested_outputs(request: pb.ModelInferRequest) -> list[str]:
@@ -155,7 +179,7 @@ def requested_outputs(request: pb.ModelInferRequest) -> list[str]:
         _refuse_shared_memory("output", output.name, output.parameters)
         if "classification" in output.parameters:
             raise Unimplemented(
-                f"requested output '{output.name}': the classification extension is not "
+                f"requested output {quoted(output.name)}: the classification extension is not "
                 "implemented by inferd; request the raw output"
             )
         names.append(output.name)
@@ -167,7 +191,7 @@ def _refuse_shared_memory(
 ) -> None:
     if any(p in parameters for p in SHARED_MEMORY_PARAMETERS):
         raise Unimplemented(
-            f"{kind} '{name}' names a shared-memory region; inferd does not implement the "
+            f"{kind} {quoted(name)} names a shared-memory region; inferd does not implement the "
             "shared-memory extensions: send the tensor in the request"
         )
 

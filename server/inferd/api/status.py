@@ -8,11 +8,12 @@ catches `ANSWERED` and asks `grpc_status` for the code and message.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import inspect
 from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar, cast
+from typing import Any, NoReturn, TypeVar, cast
 
 import grpc
 
@@ -53,15 +54,55 @@ def status_code(error: errors.InferdError) -> grpc.StatusCode:
 
 
 def grpc_status(error: Exception) -> tuple[grpc.StatusCode, str]:
-    """The code and message that answer one of the `ANSWERED` errors."""
+    """The code and message that answer one of the `ANSWERED` errors; the message at most
+    MAX_MESSAGE characters, whatever a client sent (`errors.quoted` clips what it quotes)."""
     if isinstance(error, errors.InferdError):
-        return status_code(error), error.message
+        return status_code(error), _clip(error.message)
     if isinstance(error, Unimplemented):
-        return grpc.StatusCode.UNIMPLEMENTED, error.message
+        return grpc.StatusCode.UNIMPLEMENTED, _clip(error.message)
     if isinstance(error, OverflowError):
         # Only a status watcher that fell behind raises it (ModelRegistry.watch).
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, _clip(str(error))
     raise TypeError(f"{type(error).__name__} has no gRPC status") from error
+
+
+# The status travels in the trailers, which gRPC limits to 8 KiB by default: a longer message
+# would turn the answer into RESOURCE_EXHAUSTED.
+MAX_MESSAGE = 1024
+
+
+def _clip(message: str) -> str:
+    if len(message) <= MAX_MESSAGE:
+        return message
+    return f"{message[: MAX_MESSAGE - 40]}... ({len(message)} characters)"
+
+
+async def answer_with_status(
+    context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str
+) -> NoReturn:
+    """End the call with a status; if its caller has already gone there is nobody to answer:
+    end it quietly (gRPC logs a cancelled handler at debug level only) and count it."""
+    if context.cancelled():
+        unanswered.inc()
+        raise asyncio.CancelledError
+    await context.abort(code, message)
+    raise AssertionError("unreachable: context.abort raises")
+
+
+class _Tally:
+    """A count read by the metrics collector (`observability/admission_metrics.py`)."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def inc(self) -> None:
+        self.count += 1
+
+
+# Errors whose caller had left before they could be answered.
+unanswered = _Tally()
 
 
 Method = TypeVar("Method", bound=Callable[..., Any])
@@ -81,7 +122,7 @@ def abort_on_error(method: Method) -> Method:
                     async for response in responses:
                         yield response
             except ANSWERED as error:
-                await context.abort(*grpc_status(error))
+                await answer_with_status(context, *grpc_status(error))
 
         return cast(Method, stream)
 
@@ -90,7 +131,6 @@ def abort_on_error(method: Method) -> Method:
         try:
             return await method(self, request, context)
         except ANSWERED as error:
-            await context.abort(*grpc_status(error))
-            raise AssertionError("unreachable: context.abort raises") from error
+            await answer_with_status(context, *grpc_status(error))
 
     return cast(Method, unary)

@@ -6,27 +6,33 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
+from inferd.api.wire import Incoming
+
 Request = TypeVar("Request")
 Response = TypeVar("Response")
 
 
 async def answer_concurrently(
-    requests: AsyncIterator[Request],
-    answer: Callable[[Request], Awaitable[Response]],
+    requests: AsyncIterator[Incoming[Request]],
+    answer: Callable[[Incoming[Request]], Awaitable[Response]],
     window: int,
 ) -> AsyncIterator[Response]:
     """Answers of a request stream, each as soon as it is ready: requests run concurrently, at
-    most `window` at once (the stream reads no further until one is answered: back-pressure
-    instead of unbounded memory). `answer` must not raise."""
-    answers: asyncio.Queue[Response | None] = asyncio.Queue()
+    most `window` at once, counted until their answer has been sent (the stream reads no
+    further meanwhile: back-pressure instead of unbounded memory, also against a client that
+    sends without reading). `answer` must not raise."""
+    answers: asyncio.Queue[tuple[Response, Incoming[Request]] | None] = asyncio.Queue()
     slots = asyncio.Semaphore(window)
     running: set[asyncio.Task[None]] = set()
 
-    async def run(request: Request) -> None:
+    async def run(request: Incoming[Request]) -> None:
         try:
-            answers.put_nowait(await answer(request))
-        finally:
+            response = await answer(request)
+        except BaseException:
+            request.release()
             slots.release()
+            raise
+        answers.put_nowait((response, request))
 
     async def read() -> None:
         try:
@@ -43,9 +49,17 @@ async def answer_concurrently(
     reader = asyncio.get_running_loop().create_task(read())
     try:
         while (item := await answers.get()) is not None:
-            yield item
+            response, request = item
+            try:
+                yield response  # resumes once gRPC has sent it
+            finally:
+                request.release()
+                slots.release()
         await reader
     finally:
         reader.cancel()
         for task in running:
             task.cancel()
+        while not answers.empty():
+            if (left := answers.get_nowait()) is not None:
+                left[1].release()

@@ -3,6 +3,21 @@ code."""
 
 from __future__ import annotations
 
+QUOTE_LIMIT = 200
+
+
+def quoted(value: object) -> str:
+    """`value` as an error message quotes it: repr'd, and at most QUOTE_LIMIT characters of
+    it, so that a client's 100k-character name cannot make the status itself too large."""
+    return clipped(repr(value))
+
+
+def clipped(text: str) -> str:
+    """At most QUOTE_LIMIT characters of `text`, saying how long it was."""
+    if len(text) <= QUOTE_LIMIT:
+        return text
+    return f"{text[:QUOTE_LIMIT]}... ({len(text)} characters)"
+
 
 class InferdError(Exception):
     """Base of every error the core reports to a caller. The message names the field."""

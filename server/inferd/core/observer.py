@@ -17,6 +17,7 @@ from inferd.core.types import ModelState
 
 class RejectReason(enum.Enum):
     QUEUE_FULL = "queue_full"
+    SHED = "shed"  # would not finish before its deadline: refused on arrival
     DEADLINE = "deadline"
     CANCELLED = "cancelled"
     INVALID = "invalid"
@@ -53,6 +54,22 @@ class BatchReport:
         return len(self.queue_times)
 
 
+@dataclass(frozen=True, slots=True)
+class RepositoryProblem:
+    """Something a scan of the model repository skipped (`models/repository.py` finds them).
+    Names and paths are printable: bytes that are not UTF-8 show as `\\xNN`."""
+
+    model: str
+    """The model directory's name."""
+    path: str
+    """Relative to the repository root: the model directory, or the entry inside it."""
+    kind: str
+    """`invalid_name`, `unreadable`, `config`, `no_version`: the whole model is skipped (one
+    that serves keeps serving what it loaded); `not_a_version`, `duplicate_version`: only that
+    entry is."""
+    reason: str
+
+
 class Observer:
     def request_rejected(self, model: str, version: int, reason: RejectReason) -> None:
         """A request was answered without executing it."""
@@ -72,12 +89,17 @@ class Observer:
     def model_state_changed(
         self, model: str, version: int, state: ModelState, reason: str, load_time: float | None
     ) -> None:
-        """A version changed state; `load_time` is set on the LOADING -> READY/FAILED step."""
+        """A version changed state; `load_time` is set on the LOADING -> READY/FAILED step.
+        UNKNOWN: the registry forgot the version (UNLOADED for `retired_retention_s`)."""
 
     def request_finished(
         self, protocol: str, model: str, version: int | None, code: str, duration: float
     ) -> None:
         """A frontend answered a request (any outcome), `duration` from arrival to reply."""
+
+    def repository_problems_changed(self, problems: Sequence[RepositoryProblem]) -> None:
+        """Everything the latest repository scan skipped, after a scan whose list differs from
+        the one before (empty once all are fixed)."""
 
 
 class MultiObserver(Observer):
@@ -102,6 +124,7 @@ class MultiObserver(Observer):
         self._batch_finished = implementing("batch_finished")
         self._model_state_changed = implementing("model_state_changed")
         self._request_finished = implementing("request_finished")
+        self._repository_problems_changed = implementing("repository_problems_changed")
 
     def request_rejected(self, model: str, version: int, reason: RejectReason) -> None:
         for hook in self._request_rejected:
@@ -134,3 +157,7 @@ class MultiObserver(Observer):
     ) -> None:
         for hook in self._request_finished:
             hook(protocol, model, version, code, duration)
+
+    def repository_problems_changed(self, problems: Sequence[RepositoryProblem]) -> None:
+        for hook in self._repository_problems_changed:
+            hook(problems)

@@ -19,7 +19,13 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from inferd.core.batching.policy import ArrivalEstimate, BatchingPolicy, next_queue
+from inferd.core.batching.policy import (
+    ArrivalEstimate,
+    BatchingPolicy,
+    ServiceTimeEstimate,
+    expected_finish,
+    next_queue,
+)
 from inferd.core.batching.queue import EntryState, QueuedRequest, ShapeQueue
 from inferd.core.batching.timer import wait_until
 from inferd.core.errors import (
@@ -90,6 +96,7 @@ class Batcher:
         self._observer = observer or Observer()
         self._queues: dict[tuple[Any, ...], ShapeQueue] = {}
         self._queued = 0
+        self._queued_rows = 0
         self._in_flight: set[asyncio.Task[None]] = set()
         # Batches executing. Not len(_in_flight): a task leaves that set in a done-callback,
         # after the callers it answered have already run and sent their next requests, which
@@ -101,6 +108,7 @@ class Batcher:
         self._closed = False
         self._dispatcher: asyncio.Task[None] | None = None
         self._arrivals = ArrivalEstimate(policy.max_queue_delay)
+        self._service = ServiceTimeEstimate()
 
     @property
     def queued(self) -> int:
@@ -149,6 +157,8 @@ class Batcher:
                 f"queue of model '{self.model}' version {self.version} is full "
                 f"(max_queue_size={self.policy.max_queue_size})"
             )
+        if request.deadline is not None:
+            self._shed_if_too_late(entry, request.deadline, now)
         self.start()
         self._arrivals.arrived(now)
         if self._may_run_now(entry, now):
@@ -160,6 +170,7 @@ class Batcher:
             queue = self._queues[entry.key] = ShapeQueue()
         queue.push(entry)
         self._queued += 1
+        self._queued_rows += entry.rows
         self._observer.queue_depth_changed(self.model, self.version, self._queued)
         self._wake.set()
         try:
@@ -183,6 +194,27 @@ class Batcher:
                 )
                 self._reject(RejectReason.DEADLINE if late else RejectReason.CANCELLED)
             raise
+
+    def _shed_if_too_late(self, entry: QueuedRequest, deadline: float, now: float) -> None:
+        """Refuse at once (RESOURCE_EXHAUSTED) a request that the work queued ahead of it would
+        keep past its deadline (`expected_finish`, from measured batch times): under overload
+        it is answered now, in microseconds, instead of waiting out its deadline in the queue
+        and being refused then, or executed for a caller that has gone."""
+        expected = expected_finish(
+            self.policy,
+            self._service,
+            self._queued_rows,
+            entry.rows,
+            self._running >= self.policy.instances,
+        )
+        if expected is None or now + expected <= deadline:
+            return
+        self._reject(RejectReason.SHED)
+        raise QueueFull(
+            f"model '{self.model}' version {self.version} is overloaded: the work queued ahead "
+            f"would take ~{expected * 1e3:.1f} ms, past the request's deadline "
+            f"({(deadline - now) * 1e3:.1f} ms from now)"
+        )
 
     def _may_run_now(self, entry: QueuedRequest, now: float) -> bool:
         """Whether `entry` may skip the queue: nothing waits (nobody is overtaken), a slot is
@@ -250,6 +282,7 @@ class Batcher:
         if not queue.count:
             del self._queues[entry.key]
         self._queued -= 1
+        self._queued_rows -= entry.rows
         entry.state = EntryState.GONE
         self._observer.queue_depth_changed(self.model, self.version, self._queued)
         return True
@@ -311,18 +344,27 @@ class Batcher:
         )
         if not queue.count:
             del self._queues[key]
+        rows = sum(entry.rows for entry in batch)
         self._queued -= len(batch)
+        self._queued_rows -= rows
         self._observer.queue_depth_changed(self.model, self.version, self._queued)
+        # A request whose answer would come after its deadline is not executed: its caller
+        # will have gone (DEADLINE_EXCEEDED) by then.
+        done_by = now + (self._service.predict(rows) or 0.0)
         live: list[QueuedRequest] = []
         for entry in batch:
             entry.state = EntryState.RUNNING
+            deadline = entry.request.deadline
             if entry.future.done():
                 self._reject(RejectReason.CANCELLED)
-            elif entry.request.deadline is not None and entry.request.deadline <= now:
+            elif deadline is not None and deadline < done_by:
                 self._reject(RejectReason.DEADLINE)
+                waited = f"{now - entry.arrival:.6f} s in the queue"
                 entry.future.set_exception(
                     DeadlineExceeded(
-                        f"deadline passed after {now - entry.arrival:.6f} s in the queue"
+                        f"deadline passed after {waited}"
+                        if deadline <= now
+                        else f"deadline would pass before its batch finished ({waited})"
                     )
                 )
             else:
@@ -400,6 +442,8 @@ class Batcher:
             error = RuntimeError(f"executor returned {got} for {len(batch)} requests")
         compute_time = asyncio.get_running_loop().time() - started
         ok = run is not None and error is None
+        if ok:
+            self._service.observe(rows, compute_time)
         self._observer.batch_finished(
             BatchReport(
                 model=self.model,
