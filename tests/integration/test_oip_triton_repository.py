@@ -26,6 +26,10 @@ from test_oip_tritonclient import TritonClientProcess, triton_infer, triton_json
 from inferd.demo_models import build_mlp, write_model
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "triton_repository"
+# RepositoryIndex is a control RPC: it needs the server's control token, as tritonclient's
+# `headers` send it.
+TOKEN = "triton-repository-test-token"
+AUTHORIZATION = {"authorization": f"Bearer {TOKEN}"}
 
 triton = test_oip_tritonclient.triton
 
@@ -53,7 +57,7 @@ def triton_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def triton_server(module_server_factory: ServerFactory, triton_repository: Path) -> ServerProcess:
-    return module_server_factory(triton_repository)
+    return module_server_factory(triton_repository, env={"INFERD_CONTROL_TOKEN": TOKEN})
 
 
 def _log_messages(server: ServerProcess) -> list[str]:
@@ -108,9 +112,12 @@ def test_max_batch_size_from_config_pbtxt_is_enforced(
 def test_models_triton_would_refuse_are_skipped_or_failed_with_their_reason(
     triton: TritonClientProcess, triton_server: ServerProcess
 ):
-    index = triton.run(triton_json, triton_server.target, "get_model_repository_index")
+    index = triton.run(
+        triton_json, triton_server.target, "get_model_repository_index", AUTHORIZATION
+    )
     states = {m["name"]: (m["state"], m.get("reason", "")) for m in index["models"]}
     assert sorted(states) == ["echo_bytes", "mlp", "text_encoder", "wrong_dims"]
+    assert {states[name][0] for name in ("echo_bytes", "mlp", "text_encoder")} == {"READY"}
     # A platform inferd does not serve is skipped when the repository is read; declared tensors
     # that contradict the graph fail that version's load, visibly.
     assert states["wrong_dims"][0] == "UNAVAILABLE"

@@ -249,6 +249,7 @@ def triton_unavailable_calls(target: str) -> dict[str, tuple[str, str]]:
     calls = {
         "load_model": lambda: client.load_model("mlp"),
         "unload_model": lambda: client.unload_model("mlp"),
+        "repository_index": client.get_model_repository_index,
         "system_shared_memory": client.get_system_shared_memory_status,
         "register_system_shared_memory": lambda: client.register_system_shared_memory(
             "region", "/key", 64
@@ -401,20 +402,11 @@ def test_model_config_reports_what_the_model_runs_with(
     assert echo["input"][0]["data_type"] == "TYPE_STRING"
 
 
-def test_repository_index_lists_every_version(
-    triton: TritonClientProcess, oip_server: ServerProcess
-):
-    index = triton.run(triton_json, oip_server.target, "get_model_repository_index")
-    assert {(m["name"], m["version"], m["state"]) for m in index["models"]} == {
-        (name, "1", "READY")
-        for name in ("cnn", "echo_bytes", "fp16_add", "mlp", "mlp_slow", "text_encoder")
-    }
-
-
 def test_unimplemented_features_say_so(triton: TritonClientProcess, oip_server: ServerProcess):
     answers = triton.run(triton_unavailable_calls, oip_server.target)
-    for name in ("load_model", "unload_model"):
-        # The server under test sets no control token: the control plane is off.
+    for name in ("load_model", "unload_model", "repository_index"):
+        # The server under test sets no control token: the control plane is off (the index
+        # with a token: test_oip_triton_repository.py, test_control_plane.py).
         code, message = answers[name]
         assert code == "FAILED_PRECONDITION", answers[name]
         assert "control RPCs are disabled" in message

@@ -31,10 +31,12 @@ from inferd.app import InferenceServer
 from inferd.config import ServerConfig
 from inferd.core.models.config import EffectiveConfig
 from inferd.core.models.registry import ModelSession, onnxruntime_session
+from inferd.core.observer import BatchReport, RejectReason, RepositoryProblem
 from inferd.core.types import ModelState
 from inferd.demo_models import MLP_CONFIG, build_cnn, build_demo_repository, build_mlp, write_model
 from inferd.observability.gpu import GpuCollector
 from inferd.observability.logging import ACCESS_LOGGER, TraceIdFilter, configure_logging
+from inferd.observability.metrics import PrometheusObserver
 from inferd_client import AsyncInferClient, InferError, StreamRequest
 
 PREDICT_SPAN = "/inferd.v1.Predict/Predict"
@@ -248,7 +250,9 @@ async def test_request_and_batch_metrics_match_model_statistics(demo_repository:
     assert sample_total(r, requests, model="mlp", code="INVALID_ARGUMENT") == len(invalid)
     assert sample_total(r, requests, model="", code="NOT_FOUND") == len(missing)
     assert sample_total(r, requests) == ok + len(invalid) + len(missing)
-    assert {s.labels["protocol"] for s in samples(r, requests)} == {"native"}
+    assert {s.labels["protocol"] for s in samples(r, requests) if s.value} == {"native"}
+    # The Open Inference Protocol's series exist from load, at zero.
+    assert r.get_sample_value(requests, {**ok_labels, "protocol": "oip", "version": "1"}) == 0
     answered = ok + len(invalid)
     assert sample_total(r, "inferd_request_duration_seconds_count", model="mlp") == answered
     le_inf = sample_total(r, "inferd_request_duration_seconds_bucket", model="mlp", le="+Inf")
@@ -484,7 +488,11 @@ async def test_custom_latency_buckets(mlp_repository: Path) -> None:
         "inferd_queue_duration_seconds",
         "inferd_compute_duration_seconds",
     ):
-        les = [s.labels["le"] for s in samples(r, f"{name}_bucket")]
+        les = [
+            s.labels["le"]
+            for s in samples(r, f"{name}_bucket")
+            if s.labels.get("protocol", "native") == "native"
+        ]
         assert les == expected, name
         assert sample_total(r, f"{name}_bucket", le="+Inf") == 1, name
     # The batch-size histogram keeps its own (row) buckets.
@@ -796,3 +804,100 @@ def test_gpu_read_failure_drops_only_that_gpu() -> None:
     r = fake_gpu_registry(gpus)
     for name in GPU_METRICS:
         assert [s.labels["gpu_uuid"] for s in samples(r, name)] == ["GPU-bbbb"], name
+
+
+# --- a version's series: from READY until the registry forgets it -------------------------------
+
+
+def _series_of(r: CollectorRegistry, model: str, version: str | None = None) -> list[Any]:
+    return [
+        s
+        for f in r.collect()
+        for s in f.samples
+        if s.labels.get("model") == model and (version is None or s.labels["version"] == version)
+    ]
+
+
+def _one_batch(model: str, version: int) -> Any:
+    return BatchReport(
+        model, version, 2, (1e-4, 2e-4), (None, None), 1e-3, 1e-4, 8e-4, 1e-4, None, 0
+    )
+
+
+def test_a_ready_versions_series_exist_at_zero_before_any_request() -> None:
+    metrics = PrometheusObserver()
+    r = metrics.registry
+    metrics.model_state_changed("m", 1, ModelState.LOADING, "", None)
+    assert r.get_sample_value("inferd_batch_size_count", {"model": "m", "version": "1"}) is None
+    metrics.model_state_changed("m", 1, ModelState.READY, "", 0.5)
+    mv = {"model": "m", "version": "1"}
+    for protocol in ("native", "oip"):
+        labels = {**mv, "protocol": protocol}
+        assert r.get_sample_value("inferd_requests_total", {**labels, "code": "OK"}) == 0
+        assert r.get_sample_value("inferd_request_duration_seconds_count", labels) == 0
+    for name in (
+        "inferd_queue_duration_seconds_count",
+        "inferd_compute_duration_seconds_count",
+        "inferd_batch_size_count",
+        "inferd_inference_count_total",
+        "inferd_execution_count_total",
+        "inferd_batch_failures_total",
+        "inferd_queue_depth",
+        "inferd_batches_in_flight",
+    ):
+        assert r.get_sample_value(name, mv) == 0, name
+    for reason in RejectReason:
+        assert r.get_sample_value("inferd_rejections_total", {**mv, "reason": reason.value}) == 0
+    assert r.get_sample_value("inferd_model_load_duration_seconds", mv) == 0.5
+
+
+def test_a_forgotten_version_takes_every_series_with_it() -> None:
+    metrics = PrometheusObserver()
+    r = metrics.registry
+    for version in (1, 2):
+        metrics.model_state_changed("m", version, ModelState.LOADING, "", None)
+        metrics.model_state_changed("m", version, ModelState.READY, "", 0.1)
+        metrics.queue_capacity_set("m", version, 8)
+        metrics.batch_finished(_one_batch("m", version))
+        metrics.request_finished("native", "m", version, "OK", 0.01)
+        metrics.request_finished("oip", "m", version, "INVALID_ARGUMENT", 0.01)
+        metrics.request_rejected("m", version, RejectReason.QUEUE_FULL)
+    metrics.request_finished("native", "m", None, "NOT_FOUND", 0.01)
+    metrics.model_state_changed("other", 1, ModelState.READY, "", 0.1)
+    assert _series_of(r, "m", "1")
+
+    metrics.model_state_changed("m", 1, ModelState.UNLOADING, "", None)
+    metrics.model_state_changed("m", 1, ModelState.UNLOADED, "", None)
+    assert r.get_sample_value(
+        "inferd_model_state", {"model": "m", "version": "1", "state": "UNLOADED"}
+    ), "listed while retained"
+    metrics.model_state_changed("m", 1, ModelState.UNKNOWN, "forgotten", None)
+    assert _series_of(r, "m", "1") == []
+    assert _series_of(r, "m", "2"), "the other version's stay"
+    assert _series_of(r, "m", ""), "the model's own, while one of its versions is listed"
+
+    metrics.model_state_changed("m", 2, ModelState.UNKNOWN, "forgotten", None)
+    assert _series_of(r, "m") == [], "the model's own go with its last version"
+    assert _series_of(r, "other", "1"), "other models keep theirs"
+
+    # Back again (republished): series from READY on, counting from zero.
+    metrics.model_state_changed("m", 1, ModelState.READY, "", 0.1)
+    labels = {"protocol": "native", "model": "m", "version": "1", "code": "OK"}
+    assert r.get_sample_value("inferd_requests_total", labels) == 0
+    metrics.request_finished("native", "m", 1, "OK", 0.01)
+    assert r.get_sample_value("inferd_requests_total", labels) == 1
+
+
+def test_repository_problems_gauge_follows_the_latest_scan() -> None:
+    metrics = PrometheusObserver()
+    r = metrics.registry
+    first = RepositoryProblem("a", "a/²", "not_a_version", "not a version directory")
+    second = RepositoryProblem("b\\xff", "b\\xff", "invalid_name", "not a model name")
+    metrics.repository_problems_changed([first, second])
+    labels = {"model": "a", "path": "a/²", "problem": "not_a_version"}
+    assert r.get_sample_value("inferd_repository_problems", labels) == 1
+    metrics.repository_problems_changed([second])
+    assert r.get_sample_value("inferd_repository_problems", labels) is None
+    assert [s.labels["path"] for s in samples(r, "inferd_repository_problems")] == ["b\\xff"]
+    metrics.repository_problems_changed([])
+    assert samples(r, "inferd_repository_problems") == []

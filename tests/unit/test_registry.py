@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import sys
 import threading
 import time
@@ -22,7 +23,7 @@ from inferd.core.batching.policy import BatchingPolicy
 from inferd.core.errors import InvalidInput, ModelNotFound, Unavailable
 from inferd.core.models import signature as signature_module
 from inferd.core.models.config import EffectiveConfig, ModelConfig, ModelDefaults
-from inferd.core.models.control import ModelController
+from inferd.core.models.control import ControlMode, ModelController
 from inferd.core.models.registry import (
     LoadedVersion,
     ModelRegistry,
@@ -186,7 +187,8 @@ async def test_corrupt_model_fails_with_a_reason_while_others_serve(tmp_path: Pa
     try:
         assert states(registry, "mlp") == {1: ModelState.READY, 2: ModelState.FAILED}
         failed = registry.versions("mlp")[1]
-        assert failed.reason.startswith(f"loading {corrupt} failed: ")
+        assert failed.reason.startswith("loading mlp/2/model.onnx failed: "), failed.reason
+        assert str(tmp_path) not in failed.reason, "paths relative to the repository"
         assert "\n" not in failed.reason
         assert failed.loaded is None
         # The newest READY version serves; the FAILED one is not routable.
@@ -531,3 +533,106 @@ async def test_version_still_loading_at_shutdown_is_not_left_ready(tmp_path: Pat
     finally:
         for session in opened:
             session.close()
+
+
+# -- retired versions --------------------------------------------------------------------------
+
+
+def polled(root: Path, registry: ModelRegistry, **settings: Any) -> ModelController:
+    """A poll-mode controller whose poller, if any runs, is the test's choice (settings)."""
+    settings.setdefault("poll_interval_s", 3600.0)
+    return ModelController(
+        registry, ModelRepository(root), ControlMode.POLL, settle_s=0.0, **settings
+    )
+
+
+async def test_retired_version_is_forgotten_after_the_retention(tmp_path: Path) -> None:
+    config = "version_policy = { all = true }\n"
+    for number in (1, 2):
+        write_model(build_mlp(), tmp_path, "mlp", number, config)
+    log = StateLog()
+    registry = ModelRegistry(observer=log, retired_retention_s=60.0)
+    controller = polled(tmp_path, registry)
+    try:
+        async with asyncio.timeout(WAIT):
+            await controller.start()
+            shutil.rmtree(tmp_path / "mlp" / "2")
+            await controller.reconcile()
+            corrupt = tmp_path / "mlp" / "3" / "model.onnx"
+            corrupt.parent.mkdir()
+            corrupt.write_bytes(b"not onnx")
+            await controller.reconcile()
+            await controller.reconcile()
+        assert states(registry, "mlp") == {
+            1: ModelState.READY,
+            2: ModelState.UNLOADED,
+            3: ModelState.FAILED,
+        }
+        retired = registry.get("mlp", 2)
+        assert retired is not None and retired.retired_at is not None
+        assert registry.forget_retired(retired.retired_at + 59.0) == [], "not yet"
+        assert registry.forget_retired(retired.retired_at + 60.0) == [("mlp", 2)]
+        assert states(registry, "mlp") == {1: ModelState.READY, 3: ModelState.FAILED}
+        assert ("mlp", 2, ModelState.UNKNOWN, None) in log.changes, "the observer is told"
+        assert registry.forget_retired(time.monotonic() + 3600.0) == [], "FAILED stays"
+
+        # The whole model removed: its FAILED version is retired too, then the model goes.
+        shutil.rmtree(tmp_path / "mlp")
+        async with asyncio.timeout(WAIT):
+            await controller.reconcile()
+        assert states(registry, "mlp") == {1: ModelState.UNLOADED, 3: ModelState.UNLOADED}
+        assert sorted(registry.forget_retired(time.monotonic() + 60.0)) == [
+            ("mlp", 1),
+            ("mlp", 3),
+        ]
+        assert registry.model_names() == []
+        with pytest.raises(ModelNotFound):
+            registry.versions("mlp")
+    finally:
+        await registry.shutdown()
+
+
+async def test_zero_retention_forgets_at_once_but_not_at_shutdown(tmp_path: Path) -> None:
+    write_model(build_mlp(), tmp_path, "mlp", 1)
+    write_model(build_echo_bytes(), tmp_path, "echo_bytes", 1)
+    registry = ModelRegistry(retired_retention_s=0.0)
+    controller = polled(tmp_path, registry)
+    async with asyncio.timeout(WAIT):
+        await controller.start()
+        write_model(build_mlp(), tmp_path, "mlp", 2)
+        await controller.reconcile()
+        await controller.reconcile()
+    assert states(registry, "mlp") == {2: ModelState.READY}, "v1 replaced, then forgotten"
+    await registry.shutdown()
+    assert states(registry, "mlp") == {2: ModelState.UNLOADED}, "the final states stay"
+    assert states(registry, "echo_bytes") == {1: ModelState.UNLOADED}
+
+
+class Forgotten(Observer):
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+
+    def model_state_changed(
+        self, model: str, version: int, state: ModelState, reason: str, load_time: float | None
+    ) -> None:
+        if state is ModelState.UNKNOWN:
+            self.event.set()
+
+
+async def test_the_controller_forgets_retired_versions_in_explicit_mode(tmp_path: Path) -> None:
+    write_model(build_mlp(), tmp_path, "mlp", 1)
+    forgotten = Forgotten()
+    registry = ModelRegistry(observer=forgotten, retired_retention_s=0.05)
+    controller = ModelController(
+        registry, ModelRepository(tmp_path), ControlMode.EXPLICIT, poll_interval_s=0.02
+    )
+    try:
+        async with asyncio.timeout(WAIT):
+            await controller.start()
+            await controller.unload("mlp")
+            assert states(registry, "mlp") == {1: ModelState.UNLOADED}
+            await forgotten.event.wait()
+        assert not registry.knows("mlp"), "swept by the controller's own task"
+    finally:
+        await controller.stop()
+        await registry.shutdown()

@@ -257,5 +257,5 @@ def test_a_config_pbtxt_that_does_not_parse_skips_only_its_model(tmp_path: Path)
     (tmp_path / "bad" / "config.pbtxt").write_text("max_batch_size: [ nonsense")
     sources, problems = ModelRepository(tmp_path).scan()
     assert [s.name for s in sources] == ["good"]
-    assert [p.name for p in problems] == ["bad"]
+    assert [p.model for p in problems] == ["bad"]
     assert "not a valid Triton model configuration" in problems[0].reason

@@ -1,5 +1,7 @@
-"""Bearer-token check for control-plane RPCs (both protocols' repository services): a servicer
-with a `control_auth` marks each control RPC `@requires_control_token`."""
+"""Bearer-token check for control-plane RPCs: every repository RPC of both protocols
+(inferd.v1.ModelRepository Index, Load, Unload; the Open Inference Protocol's RepositoryIndex,
+RepositoryModelLoad, RepositoryModelUnload), answered alike. A servicer with a `control_auth`
+marks each of them `@requires_control_token`."""
 
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ SERVER_NAME = "inferd"
 
 # Only what inferd really implements: model configuration, statistics, schedule_policy (dynamic
 # batching with the `priority` and `timeout` request parameters) and model_repository (index,
-# and load/unload under explicit model control with the control token). Not listed: the
+# and load/unload under explicit model control, all with the control token). Not listed: the
 # shared-memory extensions, classification, sequence, trace, logging.
 EXTENSIONS = ("model_configuration", "model_repository", "statistics", "schedule_policy")
 
@@ -110,6 +110,7 @@ class GRPCInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     @abort_on_error
+    @requires_control_token
     async def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryIndexResponse:

@@ -1,18 +1,26 @@
-"""Prometheus metrics: an Observer that records the core's events, served over HTTP."""
+"""Prometheus metrics: an Observer that records the core's events, served over HTTP.
+
+A version's series live as long as the registry lists it: they appear, at zero, when it turns
+READY (so that `rate()` sees its first requests), and go when the registry forgets it
+(`retired_retention_s` after it was UNLOADED)."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from inferd.core.observer import BatchReport, Observer, RejectReason
+from inferd.core.observer import BatchReport, Observer, RejectReason, RepositoryProblem
 from inferd.core.types import ModelState
 
 # 50 µs to ~13 s, doubling: covers a tiny model's queue wait and a slow CPU batch alike.
 LATENCY_BUCKETS = tuple(50e-6 * 2**k for k in range(19))
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# The frontends' protocol labels (PROTOCOL in server/inferd/api/native.py and oip.py): a READY
+# version gets its request series for each, at zero.
+PROTOCOLS = ("native", "oip")
 
 
 class _VersionSeries:
@@ -48,8 +56,10 @@ class PrometheusObserver(Observer):
         self,
         registry: CollectorRegistry | None = None,
         latency_buckets: Sequence[float] = LATENCY_BUCKETS,
+        protocols: Sequence[str] = PROTOCOLS,
     ) -> None:
         self.registry = registry or CollectorRegistry()
+        self._protocols = tuple(protocols)
         r = self.registry
         mv = ("model", "version")
         self.requests = Counter(
@@ -116,10 +126,33 @@ class PrometheusObserver(Observer):
             mv,
             registry=r,
         )
+        self.repository_problems = Gauge(
+            "inferd_repository_problems",
+            "1 for each thing the last repository scan skipped (see the server's log for why)",
+            ("model", "path", "problem"),
+            registry=r,
+        )
+        # Every labelled family with exactly (model, version) labels: what a forgotten version
+        # takes with it, besides its rejections, states and requests.
+        self._per_version = (
+            self.queue_duration,
+            self.compute_duration,
+            self.batch_size,
+            self.inference_count,
+            self.execution_count,
+            self.batch_failures,
+            self.queue_depth,
+            self.queue_capacity,
+            self.in_flight,
+            self.load_duration,
+        )
 
         self._versions: dict[tuple[str, int], _VersionSeries] = {}
         # (protocol, model, version, code) -> (requests child, request_duration child)
         self._requests: dict[tuple[str, str, int | None, str], tuple[Any, Any]] = {}
+        # model -> its versions the registry lists (any state but UNKNOWN).
+        self._listed: dict[str, set[int]] = {}
+        self._problems: set[tuple[str, str, str]] = set()
 
     def _series(self, model: str, version: int) -> _VersionSeries:
         series = self._versions.get((model, version))
@@ -155,14 +188,60 @@ class PrometheusObserver(Observer):
     def model_state_changed(
         self, model: str, version: int, state: ModelState, reason: str, load_time: float | None
     ) -> None:
+        if state is ModelState.UNKNOWN:
+            self._forget(model, version)
+            return
+        self._listed.setdefault(model, set()).add(version)
+        v = str(version)
         for s in ModelState:
-            self.model_state.labels(model, str(version), s.value).set(1 if s is state else 0)
+            self.model_state.labels(model, v, s.value).set(1 if s is state else 0)
         if load_time is not None:
-            self.load_duration.labels(model, str(version)).set(load_time)
+            self.load_duration.labels(model, v).set(load_time)
+        if state is ModelState.READY:
+            # Every series a request or batch of it would create, at zero from now on.
+            self._series(model, version)
+            for rejection in RejectReason:
+                self.rejections.labels(model, v, rejection.value)
+            for protocol in self._protocols:
+                self._request_series(protocol, model, version, "OK")
+
+    def _forget(self, model: str, version: int) -> None:
+        """Remove every series of a version the registry no longer lists; and the model's
+        own (requests that named no READY version) once none of its versions is listed."""
+        v = str(version)
+        self._versions.pop((model, version), None)
+        for family in self._per_version:
+            _remove(family, model, v)
+        for rejection in RejectReason:
+            _remove(self.rejections, model, v, rejection.value)
+        for s in ModelState:
+            _remove(self.model_state, model, v, s.value)
+        listed = self._listed.get(model, set())
+        listed.discard(version)
+        if not listed:
+            self._listed.pop(model, None)
+        gone = {version, None} if not listed else {version}
+        for key in [k for k in self._requests if k[1] == model and k[2] in gone]:
+            protocol, _, number, code = key
+            label = "" if number is None else str(number)
+            del self._requests[key]
+            _remove(self.requests, protocol, model, label, code)
+            _remove(self.request_duration, protocol, model, label)
 
     def request_finished(
         self, protocol: str, model: str, version: int | None, code: str, duration: float
     ) -> None:
+        # Per request: the cached children first, without a call.
+        children = self._requests.get((protocol, model, version, code))
+        if children is None:
+            children = self._request_series(protocol, model, version, code)
+        count, duration_histogram = children
+        count.inc()
+        duration_histogram.observe(duration)
+
+    def _request_series(
+        self, protocol: str, model: str, version: int | None, code: str
+    ) -> tuple[Any, Any]:
         key = (protocol, model, version, code)
         children = self._requests.get(key)
         if children is None:
@@ -173,11 +252,23 @@ class PrometheusObserver(Observer):
                 self.requests.labels(protocol, model, v, code),
                 self.request_duration.labels(protocol, model, v),
             )
-        count, duration_histogram = children
-        count.inc()
-        duration_histogram.observe(duration)
+        return children
+
+    def repository_problems_changed(self, problems: Sequence[RepositoryProblem]) -> None:
+        current = {(p.model, p.path, p.kind) for p in problems}
+        for labels in self._problems - current:
+            _remove(self.repository_problems, *labels)
+        for labels in current:
+            self.repository_problems.labels(*labels).set(1)
+        self._problems = current
 
     def serve(self, host: str, port: int) -> tuple[Any, int]:
         """Start the /metrics HTTP endpoint on its own thread; returns (server, bound port)."""
         server, _thread = start_http_server(port, addr=host, registry=self.registry)
         return server, server.server_port
+
+
+def _remove(family: Any, *labels: str) -> None:
+    # Older prometheus_client releases raise KeyError for a child they do not have.
+    with contextlib.suppress(KeyError):
+        family.remove(*labels)

@@ -14,6 +14,14 @@ defeats the first rule (its half-written file fails to load, FAILED, and is retr
 file changes again, while the previous version keeps serving); publishing by rename or with
 the marker does not depend on timing. New versions are loaded and READY before the
 versions they replace drain and unload, so a rollout never leaves a request without a version.
+
+What a scan skips (a directory that is not a version, a model directory with a bad name or
+config) is logged once when it appears and reported to the observer whenever the list changes;
+it never stops the other models. A model that serves keeps serving what it loaded while its
+directory cannot be read or its config is broken.
+
+In poll and explicit modes, the same background task also forgets versions retired longer
+than the registry's `retired_retention_s` (`ModelRegistry.forget_retired`).
 """
 
 from __future__ import annotations
@@ -28,7 +36,13 @@ from pathlib import Path
 
 from inferd.core.errors import FailedPrecondition, ModelNotFound
 from inferd.core.models.registry import ModelRegistry
-from inferd.core.models.repository import ModelRepository, ModelSource, validate_model_name
+from inferd.core.models.repository import (
+    MODEL_PROBLEMS,
+    ModelRepository,
+    ModelSource,
+    validate_model_name,
+)
+from inferd.core.observer import RepositoryProblem
 from inferd.core.types import ModelState
 
 log = logging.getLogger(__name__)
@@ -93,12 +107,16 @@ class ModelController:
         self._pending: set[tuple[str, int]] = set()
         self._lock = asyncio.Lock()
         self._poller: asyncio.Task[None] | None = None
+        # What the last scan skipped (each logged once, when it appeared).
+        self._problems: frozenset[RepositoryProblem] = frozenset()
+        # (model, error) of reconciles that raised, logged once each.
+        self._failures: set[tuple[str, str]] = set()
 
     async def start(self) -> None:
         """Load the repository as it is now (trusted complete at start), then, in poll mode,
-        keep watching it."""
+        keep watching it; in poll and explicit modes, forget retired versions as they expire."""
         await self.reconcile(trust_unseen=True)
-        if self.mode is ControlMode.POLL:
+        if self.mode is not ControlMode.NONE:
             self._poller = asyncio.get_running_loop().create_task(
                 self._poll_forever(), name="model-control-poll"
             )
@@ -116,9 +134,16 @@ class ModelController:
         while True:
             await asyncio.sleep(self.poll_interval_s)
             try:
-                await self.reconcile()
+                if self.mode is ControlMode.POLL:
+                    await self.reconcile()
+                self.registry.forget_retired()
             except Exception:
                 log.exception("repository poll failed")
+
+    @property
+    def problems(self) -> frozenset[RepositoryProblem]:
+        """What the last scan skipped."""
+        return self._problems
 
     async def reconcile(self, only: str | None = None, trust_unseen: bool = False) -> None:
         """Make the registry serve what the repository holds (for one model, or all).
@@ -127,13 +152,41 @@ class ModelController:
         scan (the start-up load); a marker, when required, is still required."""
         async with self._lock:
             sources, problems = await asyncio.to_thread(self.repository.scan)
-            for problem in problems:
-                if only in (None, problem.name):
-                    log.error("model '%s' skipped: %s", problem.name, problem.reason)
+            self._note_problems(problems)
+            # A model whose directory is there but unusable keeps what it serves, as a failed
+            # load would: only its removal from the repository retires it.
+            held = {p.model for p in problems if p.kind in MODEL_PROBLEMS - {"no_version"}}
             by_name = {s.name: s for s in sources}
             names = [only] if only else sorted(set(by_name) | set(self.registry.model_names()))
             for name in names:
-                await self._reconcile_model(name, by_name.get(name), trust_unseen)
+                if name in held:
+                    continue
+                try:
+                    await self._reconcile_model(name, by_name.get(name), trust_unseen)
+                    self._failures = {f for f in self._failures if f[0] != name}
+                except Exception as exc:
+                    # One model's trouble (an unreadable version directory...) is its own.
+                    key = (name, repr(exc))
+                    if key not in self._failures:
+                        self._failures.add(key)
+                        log.exception("model '%s': reconciling with the repository failed", name)
+
+    def _note_problems(self, problems: list[RepositoryProblem]) -> None:
+        """Log each problem once, when it appears; tell the observer when the list changed."""
+        current = frozenset(problems)
+        if current == self._problems:
+            return
+        for problem in sorted(current - self._problems, key=lambda p: p.path):
+            if problem.kind in MODEL_PROBLEMS:
+                log.error("model '%s' skipped: %s", problem.model, problem.reason)
+            else:
+                log.warning(
+                    "model '%s': '%s' skipped: %s", problem.model, problem.path, problem.reason
+                )
+        self._problems = current
+        self.registry.observer.repository_problems_changed(
+            sorted(current, key=lambda p: (p.path, p.kind))
+        )
 
     async def _reconcile_model(
         self, name: str, source: ModelSource | None, trust_unseen: bool
@@ -220,6 +273,12 @@ class ModelController:
         if any(key[0] == name for key in self._pending):
             await asyncio.sleep(self.settle_s)
             await self.reconcile(only=name, trust_unseen=False)
+        skipped = sorted(
+            p.reason for p in self._problems if p.model == name and p.kind in MODEL_PROBLEMS
+        )
+        if skipped:
+            # Whatever it served before keeps serving (see reconcile).
+            raise FailedPrecondition(f"model '{name}' is skipped: {'; '.join(skipped)}")
         versions = self.registry.versions_or_empty(name)
         if not any(v.state is ModelState.READY for v in versions):
             reasons = "; ".join(f"v{v.version}: {v.reason}" for v in versions if v.reason)

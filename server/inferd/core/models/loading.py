@@ -10,6 +10,7 @@ from pathlib import Path
 
 from inferd.core.batching.batcher import Batcher
 from inferd.core.models.config import EffectiveConfig, ModelConfig, ModelDefaults
+from inferd.core.models.repository import repository_relative
 from inferd.core.models.version import LoadedVersion, ModelSession
 from inferd.core.observer import MultiObserver, Observer
 from inferd.core.runtime.session import OnnxRuntimeSession, resolve_providers
@@ -75,3 +76,20 @@ async def load_files(
         default_timeout=effective.default_timeout,
         providers=session.providers,
     )
+
+
+def failure_reason(exc: BaseException, path: Path) -> str:
+    """Why loading the model file at `path` (`<repository>/<model>/<version>/<file>`) failed,
+    in one line, every path in it relative to the repository: the reason reaches clients
+    (status, index, the Load RPC), and ONNX Runtime's own message names the absolute file."""
+    message = getattr(exc, "message", None)
+    text = message if isinstance(message, str) else f"loading {path} failed: {_first_line(exc)}"
+    if path.is_absolute() and len(path.parents) > 2:
+        return repository_relative(text, path.parents[2])
+    return text
+
+
+def _first_line(exc: BaseException) -> str:
+    """ONNX Runtime's load errors run to many lines; the first names the problem."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else repr(exc)

@@ -1,6 +1,13 @@
 """The model registry: which model versions exist, their state, and where a request goes.
 
-Loading a version's files is `models/loading.py`'s; the values are `models/version.py`'s."""
+Loading a version's files is `models/loading.py`'s; the values are `models/version.py`'s.
+
+A version that was UNLOADED (replaced, removed from the repository, unloaded by request) stays
+listed for `retired_retention_s`, then the registry forgets it: it leaves ListModels,
+GetModelStatus and the index, and the observer hears UNKNOWN for it (its metric series go).
+`forget_retired()` is the sweep; the model controller calls it every poll interval. A FAILED
+version stays: its files are still there to fix (once they are gone, the controller unloads
+it, and it is retired like the others)."""
 
 from __future__ import annotations
 
@@ -11,14 +18,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from inferd.core.errors import ModelNotFound, Unavailable
+from inferd.core.errors import InvalidInput, ModelNotFound, Unavailable
 from inferd.core.models.config import ModelConfig, ModelDefaults
 from inferd.core.models.loading import (
     SessionFactory,
+    failure_reason,
     load_files,
     onnxruntime_session,
 )
-from inferd.core.models.repository import validate_model_name
+from inferd.core.models.repository import MAX_VERSION, validate_model_name
 from inferd.core.models.version import LoadedVersion, ModelSession, ModelVersion
 from inferd.core.observer import Observer
 from inferd.core.types import ModelState
@@ -60,9 +68,11 @@ class ModelRegistry:
         defaults: ModelDefaults | None = None,
         observer: Observer | None = None,
         session_factory: SessionFactory = onnxruntime_session,
+        retired_retention_s: float = 300.0,
     ) -> None:
         self.defaults = defaults or ModelDefaults()
         self._observer = observer or Observer()
+        self.retired_retention_s = retired_retention_s
         self._session_factory = session_factory
         self._models: dict[str, dict[int, ModelVersion]] = {}
         self._subscriptions: set[_Subscription] = set()
@@ -83,6 +93,9 @@ class ModelRegistry:
         """Load, warm and route one version. If the same version number is READY (its files
         changed), the old one keeps serving until the new one is READY, then drains; if the new
         one fails, the old one keeps serving and its reason says so."""
+        if not 0 <= number <= MAX_VERSION:
+            # The repository never offers one (1 to 18 digits); the wire could not carry it.
+            raise InvalidInput(f"model '{name}': version {number} is not in 0..{MAX_VERSION}")
         existing = self._models.get(name, {}).get(number)
         replacing = existing if existing and existing.state is ModelState.READY else None
         version = ModelVersion(name, number, path, config, fingerprint=fingerprint)
@@ -105,7 +118,7 @@ class ModelRegistry:
                 version.statistics,
             )
         except Exception as exc:
-            reason = getattr(exc, "message", None) or f"loading {path} failed: {_first_line(exc)}"
+            reason = failure_reason(exc, path)
             self._transition(
                 version, ModelState.FAILED, reason, time.perf_counter() - started, announce
             )
@@ -162,6 +175,40 @@ class ModelRegistry:
 
     def get(self, name: str, number: int) -> ModelVersion | None:
         return self._models.get(name, {}).get(number)
+
+    @property
+    def observer(self) -> Observer:
+        """Where the core's events go (the model controller reports repository problems)."""
+        return self._observer
+
+    # -- retired versions ------------------------------------------------------------------
+
+    def forget_retired(self, now: float | None = None) -> list[tuple[str, int]]:
+        """Forget every version UNLOADED for `retired_retention_s` or longer (`now`:
+        time.monotonic()); returns them. Nothing is forgotten while the server shuts down."""
+        if not self._accepting:
+            return []
+        now = time.monotonic() if now is None else now
+        expired = [
+            v
+            for versions in self._models.values()
+            for v in versions.values()
+            if v.retired_at is not None and now - v.retired_at >= self.retired_retention_s
+        ]
+        for version in expired:
+            self._forget(version)
+        return [(v.name, v.version) for v in expired]
+
+    def _forget(self, version: ModelVersion) -> None:
+        versions = self._models.get(version.name, {})
+        if versions.get(version.version) is not version:
+            return
+        del versions[version.version]
+        if not versions:
+            del self._models[version.name]
+        self._observer.model_state_changed(
+            version.name, version.version, ModelState.UNKNOWN, "forgotten", None
+        )
 
     # -- routing ---------------------------------------------------------------------------
 
@@ -224,6 +271,7 @@ class ModelRegistry:
         version.state = state
         version.reason = reason
         version.last_change = time.time()
+        version.retired_at = time.monotonic() if state is ModelState.UNLOADED else None
         if not notify:
             return
         self._observer.model_state_changed(version.name, version.version, state, reason, load_time)
@@ -235,6 +283,8 @@ class ModelRegistry:
                 sub.events.put_nowait(event)
             except asyncio.QueueFull:
                 sub.overflowed = True
+        if state is ModelState.UNLOADED and self.retired_retention_s <= 0 and self._accepting:
+            self._forget(version)
 
     async def watch(self, model: str = "") -> AsyncIterator[ModelStatusEvent]:
         """The current state of every matching version, then each change as it happens. Ends
@@ -282,9 +332,3 @@ class ModelRegistry:
     async def _unload(self, version: ModelVersion) -> None:
         await self._close(version)
         self._transition(version, ModelState.UNLOADED, version.reason)
-
-
-def _first_line(exc: BaseException) -> str:
-    """ONNX Runtime's load errors run to many lines; the first names the problem."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else repr(exc)

@@ -76,3 +76,6 @@ class ModelVersion:
     failed_fingerprint: str = ""
     loaded: LoadedVersion | None = None
     """Set when the version goes READY; None while loading, and for good if the load failed."""
+    retired_at: float | None = None
+    """time.monotonic() when it went UNLOADED: the registry forgets it `retired_retention_s`
+    later."""
