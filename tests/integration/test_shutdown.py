@@ -154,6 +154,48 @@ async def test_sigint_under_load_drains_and_exits_zero(
     )
 
 
+async def test_clients_that_keep_retrying_do_not_stretch_shutdown_past_the_grace_period(
+    start_server: ServerFactory, demo_repository: Path
+):
+    """Clients that retry UNAVAILABLE at once never go quiet: the drain, the quiesce and the
+    transport's stop must all fit in the grace period anyway. Calls that reach the server but no
+    handler at the instant the transport stops end CANCELLED (grpc/grpc#41785): few; nothing
+    may end UNKNOWN or INTERNAL."""
+    grace = 3.0
+    server = start_server(demo_repository, env={"INFERD_GRACE_PERIOD_S": str(grace)})
+    inputs = mlp_input(np.random.default_rng(7), 1)
+    exited = asyncio.Event()
+    tally: dict[str, int] = {}
+
+    async def retry_forever() -> None:
+        async with AsyncInferClient(server.target) as client:
+            while not exited.is_set():
+                try:
+                    await client.infer("mlp", inputs, timeout=WAIT)
+                    code = "OK"
+                except InferError as exc:
+                    code = exc.code.name
+                tally[code] = tally.get(code, 0) + 1
+
+    loops = [asyncio.create_task(retry_forever()) for _ in range(4)]
+    while tally.get("OK", 0) < 50:
+        await asyncio.sleep(0.05)
+    signalled = time.monotonic()
+    server.send_signal(signal.SIGTERM)
+    rc = await asyncio.to_thread(server.process.wait, grace + 10)
+    exit_s = time.monotonic() - signalled
+    exited.set()
+    await asyncio.wait_for(asyncio.gather(*loops), WAIT)
+    report = f"exit {rc} after {exit_s:.2f} s (grace {grace} s); calls {tally}"
+    print("\n" + report)
+    assert rc == 0, f"{report}\n{server.describe()}"
+    # The process's own exit (interpreter teardown) comes on top of the drain.
+    assert exit_s < grace + 0.5, f"{report}\n{server.describe()}"
+    assert set(tally) <= {"OK", "UNAVAILABLE", "CANCELLED"}, report
+    assert tally.get("UNAVAILABLE", 0) > 0, report
+    assert tally.get("CANCELLED", 0) <= 16, report
+
+
 def test_idle_server_exits_zero_on_sigterm(start_server: ServerFactory, demo_repository: Path):
     server = start_server(demo_repository)
     rc = server.stop(signal.SIGTERM, timeout=GRACE_S + 10)

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from inferd.core.batching.policy import (
     ArrivalEstimate,
     BatchingPolicy,
+    DrainRate,
     ServiceTimeEstimate,
     expected_finish,
     next_queue,
@@ -109,6 +110,7 @@ class Batcher:
         self._dispatcher: asyncio.Task[None] | None = None
         self._arrivals = ArrivalEstimate(policy.max_queue_delay)
         self._service = ServiceTimeEstimate()
+        self._drain = DrainRate()
 
     @property
     def queued(self) -> int:
@@ -203,6 +205,7 @@ class Batcher:
         expected = expected_finish(
             self.policy,
             self._service,
+            self._drain,
             self._queued_rows,
             entry.rows,
             self._running >= self.policy.instances,
@@ -347,6 +350,7 @@ class Batcher:
         rows = sum(entry.rows for entry in batch)
         self._queued -= len(batch)
         self._queued_rows -= rows
+        self._drain.taken(now, rows, self._queued > 0)
         self._observer.queue_depth_changed(self.model, self.version, self._queued)
         # A request whose answer would come after its deadline is not executed: its caller
         # will have gone (DEADLINE_EXCEEDED) by then.

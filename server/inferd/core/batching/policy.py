@@ -220,24 +220,56 @@ class ServiceTimeEstimate:
         return self._seconds * max(1.0, rows / self._rows)
 
 
+class DrainRate:
+    """How fast a backlogged queue really empties, in seconds per row: measured between
+    consecutive batches taken while requests were left waiting, so it counts everything that
+    happens between two batches (the hand-off, assembling, answering, the event loop's other
+    work), which a batch's own time does not. Under overload that is what a new request waits
+    behind."""
+
+    __slots__ = ("_last", "_last_rows", "seconds_per_row")
+
+    WEIGHT = 0.2
+
+    def __init__(self) -> None:
+        self.seconds_per_row: float | None = None
+        self._last: float | None = None
+        self._last_rows = 0
+
+    def taken(self, now: float, rows: int, backlogged: bool) -> None:
+        """A batch of `rows` rows left the queue at `now`; `backlogged`: requests still wait."""
+        if self._last is not None and self._last_rows:
+            sample = (now - self._last) / self._last_rows
+            current = self.seconds_per_row
+            self.seconds_per_row = (
+                sample if current is None else current + self.WEIGHT * (sample - current)
+            )
+        self._last, self._last_rows = (now, rows) if backlogged else (None, 0)
+
+
 def expected_finish(
     policy: BatchingPolicy,
     service: ServiceTimeEstimate,
+    drain: DrainRate,
     rows_ahead: int,
     rows: int,
     slots_busy: bool,
 ) -> float | None:
     """Seconds until a request of `rows` rows, queued behind `rows_ahead` rows, has its answer:
-    the full batches ahead of it spread over the execution slots (plus the batches running now,
-    when every slot is busy), then its own batch. None before any batch was measured."""
+    the wait for the rows ahead (the full batches ahead of it spread over the execution slots,
+    plus the batches running now when every slot is busy; or, when longer, the rows ahead at
+    the measured drain rate), then its own batch. None before any batch was measured."""
     limit = policy.batch_limit
     full = service.predict(limit)
     if full is None:
         return None
     batches_ahead = rows_ahead // limit
     rounds = batches_ahead / policy.instances + (1.0 if slots_busy else 0.0)
+    wait = rounds * full
+    if drain.seconds_per_row is not None:
+        wait = max(wait, rows_ahead * drain.seconds_per_row)
     own = service.predict(min(limit, rows_ahead % limit + rows))
-    return rounds * full + (own or 0.0)
+    return wait + (own or 0.0)
 
 
 def next_queue(
