@@ -818,7 +818,10 @@ async def test_rss_returns_within_tolerance_after_20_load_unload_cycles(
     env, tolerance = ALLOCATORS[allocator]
     repository = tmp_path / "cnn_repository"
     write_model(build_cnn(), repository, "cnn", 1, CNN_CONFIG)
-    cnn_server = start_server(repository, env={**EXPLICIT_ENV, **env})
+    # The arena kept (not the default "off", which returns a run's memory when the run ends),
+    # so that a loaded session holds memory for the unload to give back.
+    keep = {"INFERD_MODELS__CPU_MEMORY_ARENA": "keep"}
+    cnn_server = start_server(repository, env={**EXPLICIT_ENV, **env, **keep})
     pid = cnn_server.process.pid
     image = np.random.default_rng(0).standard_normal((1, 3, 64, 64)).astype(np.float32)
     unloaded: list[int] = []

@@ -16,7 +16,9 @@ from inferd.core.models.config import (
 )
 from inferd.core.models.repository import validate_model_name
 from inferd.core.models.signature import GraphTensor, derive_signature, graph_batches
+from inferd.core.models.triton_config import triton_model_config
 from inferd.core.types import TensorSpec
+from inferd_wire.proto.inference import model_config_pb2
 
 
 def write_config(tmp_path: Path, text: str) -> Path:
@@ -134,6 +136,63 @@ def test_out_of_range_or_mistyped_value_is_an_error_naming_the_field(
 ) -> None:
     with pytest.raises(InvalidInput, match=field.replace(".", r"\.")):
         load_model_config(write_config(tmp_path, text + "\n"))
+
+
+def test_cpu_memory_arena_parses_and_merges_over_the_server_default(tmp_path: Path) -> None:
+    config = load_model_config(write_config(tmp_path, 'cpu_memory_arena = "keep"\n'))
+    assert config.cpu_memory_arena == "keep"
+    assert EffectiveConfig.merge(config, ModelDefaults()).cpu_memory_arena == "keep"
+    empty = ModelConfig()
+    assert empty.cpu_memory_arena is None
+    # The measured default (docs/operations.md): no arena.
+    assert EffectiveConfig.merge(empty, ModelDefaults()).cpu_memory_arena == "off"
+    server = ModelDefaults(cpu_memory_arena="shrink")
+    assert EffectiveConfig.merge(empty, server).cpu_memory_arena == "shrink"
+    assert EffectiveConfig.merge(config, server).cpu_memory_arena == "keep"
+
+
+def test_unknown_cpu_memory_arena_is_an_error_naming_the_field(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput, match="cpu_memory_arena"):
+        load_model_config(write_config(tmp_path, 'cpu_memory_arena = "sometimes"\n'))
+
+
+@pytest.mark.parametrize(
+    ("parameters", "arena", "unsupported"),
+    [
+        ({}, None, ()),
+        ({"enable_mem_arena": "0"}, "off", ()),
+        ({"enable_mem_arena": "false"}, "off", ()),
+        ({"enable_mem_arena": "1"}, "keep", ()),
+        ({"memory.enable_memory_arena_shrinkage": "cpu:0"}, "shrink", ()),
+        ({"enable_mem_arena": "1", "memory.enable_memory_arena_shrinkage": "cpu:0"}, "shrink", ()),
+        (
+            {"memory.enable_memory_arena_shrinkage": "cpu:0;gpu:0"},
+            "shrink",
+            ("parameters.memory.enable_memory_arena_shrinkage (gpu)",),
+        ),
+        (
+            {"memory.enable_memory_arena_shrinkage": "gpu:0"},
+            None,
+            ("parameters.memory.enable_memory_arena_shrinkage (gpu)",),
+        ),
+    ],
+)
+def test_triton_arena_parameters_map_to_cpu_memory_arena(
+    parameters: dict[str, str], arena: str | None, unsupported: tuple[str, ...]
+) -> None:
+    message = model_config_pb2.ModelConfig()
+    for key, value in parameters.items():
+        message.parameters[key].string_value = value
+    triton = triton_model_config(message, "m")
+    assert triton.config.cpu_memory_arena == arena
+    assert triton.unsupported == unsupported
+
+
+def test_triton_enable_mem_arena_must_be_a_boolean() -> None:
+    message = model_config_pb2.ModelConfig()
+    message.parameters["enable_mem_arena"].string_value = "maybe"
+    with pytest.raises(InvalidInput, match="enable_mem_arena"):
+        triton_model_config(message, "m")
 
 
 def test_version_policy_with_two_choices_is_an_error(tmp_path: Path) -> None:

@@ -7,13 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
+import subprocess
+import sys
 import threading
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper
 
 from inferd.core.batching.batcher import BatchingPolicy
 from inferd.core.models.config import EffectiveConfig, ModelConfig, ModelDefaults
@@ -400,3 +405,91 @@ def test_cuda_graphs_are_ignored_on_cpu(repo: Path, closing: list) -> None:
     closing.append(s := session(repo, "mlp", max_batch_size=8, cuda_graphs=True))
     assert isinstance(s._slots[0], PlainSlot)
     assert s.providers == ("CPUExecutionProvider",)
+
+
+# -- ONNX Runtime's own logging ----------------------------------------------------------------
+
+# Runs in a child process: ONNX Runtime writes its log lines to fd 2 from C++, out of reach of
+# pytest's capture. The child logs as the server does (JSON), runs two models that fail inside
+# the graph on both slot kinds, prints what each raised on stdout and logs it (as the batcher
+# does), and issues a Python-level warning.
+_FAILING_RUNS = """
+import json, logging, sys, warnings
+from pathlib import Path
+import numpy as np
+from inferd.core.models.config import EffectiveConfig, ModelConfig, ModelDefaults
+from inferd.core.runtime.session import OnnxRuntimeSession, resolve_providers
+from inferd.observability.logging import configure_logging
+
+configure_logging("INFO", "json")
+gather, add = Path(sys.argv[1]), Path(sys.argv[2])
+runs = [
+    (gather, {"ids": np.array([1, 7], dtype=np.int64)}),
+    (add, {"x": np.ones((2, 3), dtype=np.float32)}),
+]
+effective = EffectiveConfig.merge(ModelConfig(), ModelDefaults())
+for path, feeds in runs:
+    for io_binding in (None, True):
+        session = OnnxRuntimeSession(
+            path, resolve_providers(["cpu"], {}), 1, effective=effective, io_binding=io_binding
+        )
+        try:
+            session.run_batch([feeds], ())
+        except Exception as exc:
+            print(json.dumps({"model": path.parent.parent.name, "raised": str(exc)}), flush=True)
+            logging.getLogger("inferd.test").error("batch failed: %s", exc)
+        else:
+            print(json.dumps({"model": path.parent.parent.name, "raised": None}), flush=True)
+        session.close()
+warnings.warn("a Python-level warning")
+"""
+
+
+def _save(model: onnx.ModelProto, root: Path, name: str) -> Path:
+    model.ir_version = 10
+    path = root / name / "1" / "model.onnx"
+    path.parent.mkdir(parents=True)
+    onnx.save(model, path)
+    return path
+
+
+def test_onnxruntime_writes_nothing_raw_to_stderr_when_a_run_fails(tmp_path: Path) -> None:
+    opset = [helper.make_opsetid("", 17)]
+    table = helper.make_tensor("table", TensorProto.FLOAT, [4, 2], [0.0] * 8)
+    gather = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["rows"], axis=0)],
+        "gather",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch"])],
+        [helper.make_tensor_value_info("rows", TensorProto.FLOAT, ["batch", 2])],
+        initializer=[table],
+    )
+    # x's second dim is free in the graph, so only the run finds it does not broadcast with 4.
+    bias = helper.make_tensor("bias", TensorProto.FLOAT, [4], [1.0] * 4)
+    add = helper.make_graph(
+        [helper.make_node("Add", ["x", "bias"], ["y"])],
+        "add",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "width"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "width"])],
+        initializer=[bias],
+    )
+    paths = [
+        _save(helper.make_model(gather, opset_imports=opset), tmp_path, "gather"),
+        _save(helper.make_model(add, opset_imports=opset), tmp_path, "add"),
+    ]
+    child = subprocess.run(
+        [sys.executable, "-c", _FAILING_RUNS, *map(str, paths)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert child.returncode == 0, child.stderr
+    raised = [json.loads(line) for line in child.stdout.splitlines()]
+    # The error still reaches the caller, from either slot kind.
+    assert [r["model"] for r in raised] == ["gather", "gather", "add", "add"]
+    assert all("out of data bounds" in r["raised"] for r in raised[:2]), raised
+    assert all("broadcast" in r["raised"] for r in raised[2:]), raised
+    assert "\x1b[" not in child.stderr
+    assert "[E:onnxruntime" not in child.stderr
+    # What is on stderr is inferd's JSON log only: the four failures and the warning.
+    records = [json.loads(line) for line in child.stderr.splitlines() if line.strip()]
+    assert [r["logger"] for r in records] == ["inferd.test"] * 4 + ["py.warnings"]

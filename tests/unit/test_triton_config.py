@@ -116,7 +116,7 @@ def test_unsupported_fields_are_named_at_their_shallowest_level(tmp_path: Path):
       default_queue_policy { timeout_action: DELAY max_queue_size: 3 }
     }
     optimization { cuda { graphs: true } }
-    parameters { key: "enable_mem_arena" value { string_value: "0" } }
+    parameters { key: "enable_mem_pattern" value { string_value: "0" } }
     response_cache { enable: true }
     instance_group [ { kind: KIND_MODEL } ]
     """
@@ -125,7 +125,7 @@ def test_unsupported_fields_are_named_at_their_shallowest_level(tmp_path: Path):
         "dynamic_batching.preserve_ordering",
         "dynamic_batching.default_queue_policy.timeout_action: DELAY",
         "optimization.cuda",
-        "parameters.enable_mem_arena",
+        "parameters.enable_mem_pattern",
         "response_cache",
         "instance_group.kind: KIND_MODEL",
     }

@@ -46,6 +46,9 @@ def configure_logging(level: str, log_format: LogFormat = "json") -> None:
     root.setLevel(level.upper())
     # gRPC is chatty below WARNING.
     logging.getLogger("grpc").setLevel(logging.WARNING)
+    # Python-level warnings (onnxruntime's Python layer warns this way, e.g. about providers)
+    # would otherwise print raw on stderr between the JSON lines: log them on "py.warnings".
+    logging.captureWarnings(True)
 
 
 class AccessLog(Observer):

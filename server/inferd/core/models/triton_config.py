@@ -20,7 +20,12 @@ from google.protobuf import text_format
 from google.protobuf.message import Message
 
 from inferd.core.errors import InvalidInput
-from inferd.core.models.config import ModelConfig, TensorDeclaration, VersionPolicy
+from inferd.core.models.config import (
+    CpuMemoryArena,
+    ModelConfig,
+    TensorDeclaration,
+    VersionPolicy,
+)
 from inferd_wire.proto.inference import model_config_pb2
 
 log = logging.getLogger(__name__)
@@ -55,6 +60,9 @@ _UNDERSTOOD = frozenset(
     """.split()
 )
 _ACCELERATORS = {"tensorrt"}
+SHRINKAGE = "memory.enable_memory_arena_shrinkage"
+_ARENA_PARAMETERS = {"enable_mem_arena", SHRINKAGE}
+_BOOLEANS = {"1": True, "true": True, "0": False, "false": False}
 
 _reported: set[tuple[str, tuple[str, ...]]] = set()
 
@@ -125,8 +133,11 @@ def triton_model_config(
                     f"{where}: parameters.intra_op_thread_count {parameter.string_value!r} "
                     "is not an integer"
                 ) from None
-        else:
+        elif key not in _ARENA_PARAMETERS:
             unsupported[f"parameters.{key}"] = None
+    arena = _cpu_memory_arena(message, unsupported, where)
+    if arena is not None:
+        fields["cpu_memory_arena"] = arena
     if message.HasField("version_policy"):
         fields["version_policy"] = _version_policy(message.version_policy)
     fields["inputs"] = tuple(_declared(t, where) for t in message.input)
@@ -192,6 +203,34 @@ def _instances(
     if gpus:
         fields["provider_options"] = {"cuda": {"device_id": gpus[0]}}
     return fields
+
+
+def _cpu_memory_arena(
+    message: model_config_pb2.ModelConfig, unsupported: dict[str, None], where: str
+) -> CpuMemoryArena | None:
+    """Triton's `enable_mem_arena` and `memory.enable_memory_arena_shrinkage` parameters as
+    `cpu_memory_arena`; None when neither is set (the server's default applies, where Triton
+    keeps ONNX Runtime's arena). Shrinking a GPU arena is not done by inferd."""
+    parameters = message.parameters
+    enabled: bool | None = None
+    if "enable_mem_arena" in parameters:
+        value = parameters["enable_mem_arena"].string_value.strip().lower()
+        if value not in _BOOLEANS:
+            raise InvalidInput(
+                f"{where}: parameters.enable_mem_arena {value!r} is not one of 0, 1, false, true"
+            )
+        enabled = _BOOLEANS[value]
+    shrink = False
+    if SHRINKAGE in parameters:
+        devices = [d.partition(":")[0] for d in parameters[SHRINKAGE].string_value.split(";")]
+        shrink = "cpu" in devices
+        if any(d and d != "cpu" for d in devices):
+            unsupported[f"parameters.{SHRINKAGE} (gpu)"] = None
+    if enabled is False:
+        return "off"
+    if shrink:
+        return "shrink"
+    return None if enabled is None else "keep"
 
 
 def _version_policy(policy: model_config_pb2.ModelVersionPolicy) -> VersionPolicy:

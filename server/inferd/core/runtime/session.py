@@ -32,6 +32,7 @@ from inferd.core.batching.batcher import BatchRun
 from inferd.core.batching.policy import BatchingPolicy
 from inferd.core.errors import InvalidInput
 from inferd.core.models.config import (
+    CpuMemoryArena,
     EffectiveConfig,
     ModelConfig,
     ModelDefaults,
@@ -48,6 +49,7 @@ from inferd.core.runtime.providers import (
     tensorrt_options,
 )
 from inferd.core.runtime.slots import (
+    ORT_LOG_SEVERITY,
     BindingSlot,
     CudaUse,
     ExecutionSlot,
@@ -59,6 +61,10 @@ from inferd.core.types import Array, ModelSignature
 from inferd_wire.codec import DTYPES
 
 log = logging.getLogger(__name__)
+
+# ONNX Runtime's process-wide logger (environment, allocators, provider libraries): as quiet as
+# the sessions' and runs' own (runtime/slots.py). What goes wrong reaches inferd as exceptions.
+ort.set_default_logger_severity(ORT_LOG_SEVERITY)
 
 PROVIDER_NAMES = {
     "tensorrt": TENSORRT,
@@ -125,11 +131,15 @@ def _log_gpu_unusable_once(skipped: tuple[str, ...]) -> None:
 
 
 def _load(
-    path: Path, providers: Sequence[tuple[str, dict[str, Any]]], intra_op_threads: int
+    path: Path,
+    providers: Sequence[tuple[str, dict[str, Any]]],
+    intra_op_threads: int,
+    cpu_memory_arena: CpuMemoryArena = "keep",
 ) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads
-    options.log_severity_level = 3
+    options.log_severity_level = ORT_LOG_SEVERITY
+    options.enable_cpu_mem_arena = cpu_memory_arena != "off"
     return ort.InferenceSession(
         str(path),
         sess_options=options,
@@ -191,9 +201,10 @@ class OnnxRuntimeSession:
     event loop keeps serving.
 
     `effective` (the version's config over the server's defaults) gives the execution fields
-    (batch_buckets, cuda_graphs, session_per_instance) and what the batch dim is; left out, an
-    empty config over the built-in defaults: none apply. Threads and slots are arguments of
-    their own, so a caller may open fewer than configured (`inferd models validate` opens one).
+    (batch_buckets, cuda_graphs, session_per_instance, cpu_memory_arena) and what the batch
+    dim is; left out, an empty config over the built-in defaults. Threads and slots are
+    arguments of their own, so a caller may open fewer than configured (`inferd models validate`
+    opens one).
     `io_binding` None binds on CUDA only; True binds on the CPU too (tests).
     """
 
@@ -210,6 +221,7 @@ class OnnxRuntimeSession:
         if effective is None:
             effective = EffectiveConfig.merge(ModelConfig(), ModelDefaults())
         config = effective.config
+        arena = effective.cpu_memory_arena
         requested = [
             (p, cuda_options(o, config.cuda_graphs) if p == CUDA else dict(o)) for p, o in providers
         ]
@@ -232,7 +244,7 @@ class OnnxRuntimeSession:
             ]
         gate: CudaUse = CAPTURE_GATE if wants_gpu else NoGate()
         with gate.use():
-            first = _load(path, requested, intra_op_threads)
+            first = _load(path, requested, intra_op_threads, arena)
         self.providers: tuple[str, ...] = tuple(first.get_providers())
         graph_inputs, graph_outputs = _graph_tensors(first)
         self.inputs = graph_inputs
@@ -262,8 +274,12 @@ class OnnxRuntimeSession:
         sessions = [first]
         if per_instance:
             with gate.use():
-                sessions += [_load(path, requested, intra_op_threads) for _ in range(instances - 1)]
+                sessions += [
+                    _load(path, requested, intra_op_threads, arena) for _ in range(instances - 1)
+                ]
         self._sessions = sessions
+        # GraphSlots keep their own run options (runtime/cuda_graphs.py): they never shrink.
+        shrink = arena == "shrink"
         self._slots: list[ExecutionSlot] = []
         for index in range(instances):
             session = sessions[index % len(sessions)]
@@ -271,9 +287,11 @@ class OnnxRuntimeSession:
             if use_graphs:
                 slot = GraphSlot(session, device, gpu)
             elif use_binding:
-                slot = BindingSlot(session, device, gpu, gate if on_cuda else NoGate())
+                slot = BindingSlot(
+                    session, device, gpu, gate if on_cuda else NoGate(), shrink_cpu_arena=shrink
+                )
             else:
-                slot = PlainSlot(session, gate if on_cuda else NoGate())
+                slot = PlainSlot(session, gate if on_cuda else NoGate(), shrink_cpu_arena=shrink)
             self._slots.append(slot)
         self._per_slot_warmup = on_cuda or per_instance
         self._gate = gate

@@ -14,6 +14,9 @@ slot's buffers are reused batch after batch without locks. Three kinds, chosen b
 
 A slot's staged inputs are only valid until its next batch: results are always fresh arrays
 (ONNX Runtime's own for `run`, a copy for IO binding), never views of a staging buffer.
+
+Every run carries the slot's `RunOptions` (`run_options`): ONNX Runtime's own logging off, and
+with `cpu_memory_arena = "shrink"` the CPU arena's free regions returned after the run.
 """
 
 from __future__ import annotations
@@ -30,6 +33,26 @@ from inferd.core.runtime.staging import HostStaging
 from inferd.core.types import Array
 
 Feeds = Mapping[str, Array]
+
+# ONNX Runtime's log severity for sessions and runs: FATAL only. A failing run otherwise prints
+# an ANSI-coloured "[E:onnxruntime:...]" line on stderr (fd 2, from C++) besides the exception
+# that carries the same message, which the batcher answers and inferd logs as JSON. Runs whose
+# options set no severity (CUDA graph replays, runtime/cuda_graphs.py) inherit the session's.
+ORT_LOG_SEVERITY = 4
+# Run option returning the CPU arena's wholly free regions to the system after each run
+# (onnxruntime_run_options_config_keys.h); only valid while the session's CPU arena is on.
+SHRINK_ARENAS = "memory.enable_memory_arena_shrinkage"
+
+
+def run_options(shrink_cpu_arena: bool = False) -> ort.RunOptions:
+    """A slot's options for every run: ONNX Runtime's logging off, and optionally the CPU arena
+    shrunk after each run. The GPU arena is never shrunk here: freeing and reallocating device
+    memory every run would synchronise the device, and a CUDA graph replays fixed addresses."""
+    options = ort.RunOptions()
+    options.log_severity_level = ORT_LOG_SEVERITY
+    if shrink_cpu_arena:
+        options.add_run_config_entry(SHRINK_ARENAS, "cpu:0")
+    return options
 
 
 class CudaUse(Protocol):
@@ -67,10 +90,16 @@ def rows_in(batch: Sequence[Feeds]) -> int:
 class PlainSlot:
     """`session.run` on host arrays; a reused (never pinned) staging buffer per input."""
 
-    def __init__(self, session: ort.InferenceSession, gate: CudaUse | None = None) -> None:
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        gate: CudaUse | None = None,
+        shrink_cpu_arena: bool = False,
+    ) -> None:
         self.session = session
         self._gate = gate or NoGate()
         self._staging = HostStaging(pinned=False)
+        self._run_options = run_options(shrink_cpu_arena)
 
     def stage(self, batch: Sequence[Feeds], rows: int | None) -> Feeds:
         first = batch[0]
@@ -89,7 +118,7 @@ class PlainSlot:
 
     def run(self, feeds: Feeds, names: Sequence[str]) -> list[Array]:
         with self._gate.use():
-            results: list[Array] = self.session.run(list(names), dict(feeds))
+            results: list[Array] = self.session.run(list(names), dict(feeds), self._run_options)
         return results
 
     def close(self) -> None:
@@ -106,6 +135,7 @@ class BindingSlot:
         device: str,
         device_id: int = 0,
         gate: CudaUse | None = None,
+        shrink_cpu_arena: bool = False,
     ) -> None:
         self.session = session
         self.device = device
@@ -113,7 +143,7 @@ class BindingSlot:
         self._gate = gate or NoGate()
         self._staging = HostStaging(pinned=device == "cuda", gate=self._gate)
         self._binding = session.io_binding()
-        self._run_options = ort.RunOptions()
+        self._run_options = run_options(shrink_cpu_arena)
         # The slot's session may have CUDA graphs on (a GraphSlot's fallback): never capture
         # here, where buffers move from run to run.
         self._run_options.add_run_config_entry("gpu_graph_id", "-1")
