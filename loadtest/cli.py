@@ -12,6 +12,7 @@ Writes report.json, report.csv and PNG plots to --out and prints a table (and, w
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 from datetime import datetime
@@ -37,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
             "with KIND native (inferd.v1), oip (Open Inference Protocol / KServe v2 gRPC) or "
             "inprocess (onnxruntime on a model file or repository directory). Loopback "
             "addresses only. pid=P: the server's process, whose CPU time (descendants "
-            "included) is reported per request."
+            "included) is reported per request. TLS servers: ,tls_ca=CA.pem (and "
+            ",tls_cert=C.pem,tls_key=K.pem for mutual TLS, ,tls_server_name=NAME), or the "
+            "--tls-* flags for every network target."
         ),
     )
     what = parser.add_argument_group("what to load")
@@ -66,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="input data from files instead of random values",
     )
     what.add_argument("--seed", type=int, default=0, help="random inputs and Poisson arrivals")
+    tls = parser.add_argument_group("TLS (network targets that set no tls_* key of their own)")
+    tls.add_argument("--tls-ca", default="", help="PEM CA that signed the server certificate")
+    tls.add_argument("--tls-cert", default="", help="PEM client certificate chain (mTLS)")
+    tls.add_argument("--tls-key", default="", help="PEM private key of --tls-cert")
+    tls.add_argument("--tls-server-name", default="", help="name to verify the certificate for")
 
     load = parser.add_argument_group("load levels")
     load.add_argument("--concurrency", help="closed-loop sweep, e.g. 1,4,16,64")
@@ -119,7 +127,21 @@ def _levels(args: argparse.Namespace) -> list[LoadLevel]:
 
 def _targets(args: argparse.Namespace) -> list[TargetSpec]:
     texts = args.compare or [args.target or DEFAULT_TARGET]
-    return [parse_target(text, args.model) for text in texts]
+    specs = [parse_target(text, args.model) for text in texts]
+    tls = {
+        "tls_ca": args.tls_ca,
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
+        "tls_server_name": args.tls_server_name,
+    }
+    if not any(tls.values()):
+        return specs
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise TargetError("--tls-cert and --tls-key go together")
+    return [
+        dataclasses.replace(spec, **tls) if spec.kind != "inprocess" and not spec.tls else spec
+        for spec in specs
+    ]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,12 +15,8 @@ import grpc.aio
 import numpy as np
 
 from inferd_client import _convert
-from inferd_client._common import (
-    DEFAULT_MAX_MESSAGE_BYTES,
-    DEFAULT_TARGET,
-    StreamBook,
-    channel_options,
-)
+from inferd_client._channel import DEFAULT_RETRIES, Pem, plan_channel
+from inferd_client._common import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TARGET, StreamBook
 from inferd_client._health import CHECK_METHOD, decode_health_response, encode_health_request
 from inferd_client._tracing import trace_metadata
 from inferd_client.errors import error_from_rpc
@@ -48,23 +44,41 @@ class AsyncInferClient:
     """An asyncio client for an inferd server; the same API as InferClient, awaited.
 
     Create it inside the event loop that uses it (e.g. `async with AsyncInferClient() as c`).
+    Servers, retries and TLS are set as for InferClient.
     """
 
     def __init__(
         self,
-        target: str = DEFAULT_TARGET,
+        target: str | Sequence[str] = DEFAULT_TARGET,
         *,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         credentials: grpc.ChannelCredentials | None = None,
         options: Iterable[tuple[str, Any]] | None = None,
         control_token: str | None = None,
+        root_certificates: Pem | None = None,
+        certificate_chain: Pem | None = None,
+        private_key: Pem | None = None,
+        server_name_override: str | None = None,
+        retries: int | bool = DEFAULT_RETRIES,
     ) -> None:
-        opts = channel_options(max_message_bytes, options)
-        if credentials is None:
-            self._channel = grpc.aio.insecure_channel(target, options=opts)
+        plan = plan_channel(
+            target,
+            max_message_bytes=max_message_bytes,
+            options=options,
+            credentials=credentials,
+            root_certificates=root_certificates,
+            certificate_chain=certificate_chain,
+            private_key=private_key,
+            server_name_override=server_name_override,
+            retries=retries,
+        )
+        if plan.credentials is None:
+            self._channel = grpc.aio.insecure_channel(plan.target, options=plan.options)
         else:
-            self._channel = grpc.aio.secure_channel(target, credentials, options=opts)
-        self.target = target
+            self._channel = grpc.aio.secure_channel(
+                plan.target, plan.credentials, options=plan.options
+            )
+        self.target = plan.target
         self._predict = predict_pb2_grpc.PredictStub(self._channel)
         self._status = model_status_pb2_grpc.ModelStatusStub(self._channel)
         self._repository = model_repository_pb2_grpc.ModelRepositoryStub(self._channel)

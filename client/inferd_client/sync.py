@@ -10,12 +10,8 @@ import grpc
 import numpy as np
 
 from inferd_client import _convert
-from inferd_client._common import (
-    DEFAULT_MAX_MESSAGE_BYTES,
-    DEFAULT_TARGET,
-    StreamBook,
-    channel_options,
-)
+from inferd_client._channel import DEFAULT_RETRIES, Pem, plan_channel
+from inferd_client._common import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TARGET, StreamBook
 from inferd_client._health import CHECK_METHOD, decode_health_response, encode_health_request
 from inferd_client._tracing import trace_metadata
 from inferd_client.errors import error_from_rpc
@@ -46,23 +42,51 @@ class InferClient:
 
     Every failed RPC raises an InferError subclass chosen by its status code. Output arrays of
     fixed-size datatypes are read-only views of the received bytes (copy them to write).
+
+    Servers: `target` is "host:port"; several servers are a list of "IP:PORT" (or one string
+    of them, comma-separated), and "dns:///NAME:PORT" is every address NAME resolves to. Calls
+    to several servers are spread round-robin over those whose grpc.health.v1 status is
+    SERVING. `retries` (default 2; 0 or False turns it off): a Predict or ModelStatus call
+    answered UNAVAILABLE (a draining or unreachable server) is sent again, up to `retries`
+    more times, after 0-50 ms then 0-100 ms...; with several servers, to the next one.
+
+    TLS: `root_certificates` (the CA of the server's certificate, PEM bytes or a file path),
+    `certificate_chain` and `private_key` (this client's certificate, for mutual TLS),
+    `server_name_override` (the name the server's certificate is checked against, when not
+    the target's host); or `credentials` (any grpc.ChannelCredentials) instead. See
+    docs/tls.md.
     """
 
     def __init__(
         self,
-        target: str = DEFAULT_TARGET,
+        target: str | Sequence[str] = DEFAULT_TARGET,
         *,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         credentials: grpc.ChannelCredentials | None = None,
         options: Iterable[tuple[str, Any]] | None = None,
         control_token: str | None = None,
+        root_certificates: Pem | None = None,
+        certificate_chain: Pem | None = None,
+        private_key: Pem | None = None,
+        server_name_override: str | None = None,
+        retries: int | bool = DEFAULT_RETRIES,
     ) -> None:
-        opts = channel_options(max_message_bytes, options)
-        if credentials is None:
-            self._channel = grpc.insecure_channel(target, options=opts)
+        plan = plan_channel(
+            target,
+            max_message_bytes=max_message_bytes,
+            options=options,
+            credentials=credentials,
+            root_certificates=root_certificates,
+            certificate_chain=certificate_chain,
+            private_key=private_key,
+            server_name_override=server_name_override,
+            retries=retries,
+        )
+        if plan.credentials is None:
+            self._channel = grpc.insecure_channel(plan.target, options=plan.options)
         else:
-            self._channel = grpc.secure_channel(target, credentials, options=opts)
-        self.target = target
+            self._channel = grpc.secure_channel(plan.target, plan.credentials, options=plan.options)
+        self.target = plan.target
         self._predict = predict_pb2_grpc.PredictStub(self._channel)
         self._status = model_status_pb2_grpc.ModelStatusStub(self._channel)
         self._repository = model_repository_pb2_grpc.ModelRepositoryStub(self._channel)

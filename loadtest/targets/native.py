@@ -13,6 +13,7 @@ import grpc
 
 from inferd.loadtest.inputs import ModelSignature, Payload, TensorSpec
 from inferd.loadtest.server_stats import ServerCounters
+from inferd.loadtest.targets.channels import aio_channel, blocking_channel
 from inferd.loadtest.targets.target import (
     RequestFailed,
     RequestSender,
@@ -59,7 +60,7 @@ def encode_predict_request(spec: TargetSpec, payload: Payload) -> bytes:
 class NativeDriver(TargetDriver):
     def __init__(self, spec: TargetSpec) -> None:
         super().__init__(spec)
-        self._channel = grpc.insecure_channel(spec.where)
+        self._channel = blocking_channel(spec)
         self._status = model_status_pb2_grpc.ModelStatusStub(self._channel)  # type: ignore[no-untyped-call]
 
     def _metadata(self) -> model_status_pb2.ModelMetadata:
@@ -130,7 +131,7 @@ class NativeSender(RequestSender):
     def __init__(self, spec: TargetSpec, payloads: Sequence[Payload], timeout_s: float) -> None:
         self._requests = [encode_predict_request(spec, p) for p in payloads]
         self._timeout_s = timeout_s
-        self._channel = grpc.aio.insecure_channel(spec.where)
+        self._channel = aio_channel(spec)
         # No serialisers: the request goes out as the bytes prepared above, the response
         # stays bytes.
         self._predict = self._channel.unary_unary(PREDICT_METHOD)

@@ -17,6 +17,7 @@ import grpc
 
 from inferd.loadtest.inputs import ModelSignature, Payload, TensorSpec
 from inferd.loadtest.server_stats import ServerCounters
+from inferd.loadtest.targets.channels import aio_channel, blocking_channel
 from inferd.loadtest.targets.target import (
     RequestFailed,
     RequestSender,
@@ -66,7 +67,7 @@ class OipDriver(TargetDriver):
     def __init__(self, spec: TargetSpec) -> None:
         super().__init__(spec)
         self._messages, services = load_stubs()
-        self._channel = grpc.insecure_channel(spec.where)
+        self._channel = blocking_channel(spec)
         self._service = services.GRPCInferenceServiceStub(self._channel)
         self._has_statistics = True
 
@@ -139,8 +140,8 @@ class OipSender(RequestSender):
     def __init__(self, spec: TargetSpec, payloads: Sequence[Payload], timeout_s: float) -> None:
         self._requests = [encode_infer_request(spec, p) for p in payloads]
         self._timeout_s = timeout_s
-        self._channel = grpc.aio.insecure_channel(
-            spec.where,
+        self._channel = aio_channel(
+            spec,
             # Unlimited, as tritonclient sets it: large raw outputs must not fail the run.
             options=[("grpc.max_receive_message_length", -1)],
         )

@@ -12,7 +12,12 @@ Keys: `model`, `version`, `label` (the name in reports), `client_batch` (rows pe
 this target only), `threads` (in-process: sessions runs at once; default 1, like one
 execution slot), `pid` (the server's process id: its CPU time, descendants included, is read
 at the window boundaries and reported per request). Network targets must be loopback
-addresses: this harness never loads a machine it does not run on.
+addresses: this harness never loads a machine it does not run on. A TLS server takes
+`tls_ca` (PEM file of the CA that signed its certificate; any `tls_*` key turns TLS on),
+`tls_cert` and `tls_key` (a client certificate, for mutual TLS) and `tls_server_name` (the
+name its certificate is checked against, e.g. `localhost` when it names no IP address):
+
+    native:127.0.0.1:8001,model=mlp,tls_ca=ca.pem,tls_server_name=inferd.internal
 """
 
 from __future__ import annotations
@@ -54,6 +59,15 @@ class TargetSpec:
     threads: int = 1
     # The server process whose CPU time is measured (see loadtest/process_cpu.py).
     pid: int | None = None
+    # TLS (network targets): PEM file paths, and the name to verify the certificate for.
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_server_name: str = ""
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_ca or self.tls_cert or self.tls_key or self.tls_server_name)
 
     @property
     def name(self) -> str:
@@ -62,6 +76,20 @@ class TargetSpec:
         if self.kind == "inprocess":
             return f"inprocess/{self.model}"
         return f"{self.kind}/{self.model}"
+
+
+OPTION_KEYS = (
+    "model",
+    "version",
+    "label",
+    "client_batch",
+    "threads",
+    "pid",
+    "tls_ca",
+    "tls_cert",
+    "tls_key",
+    "tls_server_name",
+)
 
 
 def parse_target(text: str, default_model: str = "") -> TargetSpec:
@@ -73,10 +101,10 @@ def parse_target(text: str, default_model: str = "") -> TargetSpec:
     fields: dict[str, str] = {}
     for option in options:
         key, eq, value = option.partition("=")
-        if not eq or key not in ("model", "version", "label", "client_batch", "threads", "pid"):
+        if not eq or key not in OPTION_KEYS:
             raise TargetError(
-                f"target {text!r}: option {option!r} is not one of model=, version=, label=, "
-                "client_batch=, threads=, pid="
+                f"target {text!r}: option {option!r} is not one of "
+                + ", ".join(f"{k}=" for k in OPTION_KEYS)
             )
         fields[key] = value
     try:
@@ -89,9 +117,17 @@ def parse_target(text: str, default_model: str = "") -> TargetSpec:
             client_batch=int(fields["client_batch"]) if "client_batch" in fields else None,
             threads=int(fields.get("threads", "1")),
             pid=int(fields["pid"]) if "pid" in fields else None,
+            tls_ca=fields.get("tls_ca", ""),
+            tls_cert=fields.get("tls_cert", ""),
+            tls_key=fields.get("tls_key", ""),
+            tls_server_name=fields.get("tls_server_name", ""),
         )
     except ValueError as exc:
         raise TargetError(f"target {text!r}: {exc}") from None
+    if spec.tls and spec.kind == "inprocess":
+        raise TargetError(f"target {text!r}: tls_* options are for network targets")
+    if bool(spec.tls_cert) != bool(spec.tls_key):
+        raise TargetError(f"target {text!r}: tls_cert and tls_key go together")
     if spec.kind != "inprocess":
         require_loopback(spec.where)
     if not spec.model and spec.kind != "inprocess":

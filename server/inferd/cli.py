@@ -19,6 +19,7 @@ def _serve(args: argparse.Namespace) -> int:
     from inferd.app import serve
     from inferd.config import ServerConfig
     from inferd.observability.logging import configure_logging
+    from inferd.tls import TlsConfigError
 
     config = ServerConfig.load(
         args.config,
@@ -26,11 +27,40 @@ def _serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
         log_level=args.log_level,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
     )
     configure_logging(config.log_level, config.log_format)
-    asyncio.run(serve(config))
+    try:
+        asyncio.run(serve(config))
+    except TlsConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _client(args: argparse.Namespace, **kwargs: Any) -> Any:
+    """An InferClient for the connection flags (`--url`, `--tls*`)."""
+    from inferd_client import InferClient
+
+    if args.tls and not (args.tls_ca or args.tls_cert or args.tls_key):
+        import grpc
+
+        kwargs["credentials"] = grpc.ssl_channel_credentials()
+    try:
+        return InferClient(
+            args.url,
+            root_certificates=args.tls_ca,
+            certificate_chain=args.tls_cert,
+            private_key=args.tls_key,
+            server_name_override=args.tls_server_name,
+            **kwargs,
+        )
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 def _random_input(datatype: str, shape: Sequence[int], rng: np.random.Generator) -> np.ndarray:
@@ -59,7 +89,7 @@ def _parse_pairs(values: Sequence[str], flag: str) -> dict[str, str]:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from inferd_client import InferClient, InferError
+    from inferd_client import InferError
 
     files = _parse_pairs(args.input, "--input")
     shapes = {
@@ -67,7 +97,7 @@ def _predict(args: argparse.Namespace) -> int:
         for name, dims in _parse_pairs(args.shape, "--shape").items()
     }
     rng = np.random.default_rng(args.seed)
-    with InferClient(args.url) as client:
+    with _client(args) as client:
         try:
             inputs: dict[str, np.ndarray] = {}
             if files.keys() != shapes.keys() or not files:
@@ -100,9 +130,9 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from inferd_client import InferClient, InferError
+    from inferd_client import InferError
 
-    with InferClient(args.url) as client:
+    with _client(args) as client:
         try:
             if args.model:
                 models = {args.model: client.status(args.model)}
@@ -169,9 +199,9 @@ def _models_add(args: argparse.Namespace) -> int:
 
 
 def _models_control(args: argparse.Namespace) -> int:
-    from inferd_client import InferClient, InferError
+    from inferd_client import InferError
 
-    with InferClient(args.url, control_token=args.token) as client:
+    with _client(args, control_token=args.token) as client:
         try:
             if args.models_command == "load":
                 for v in client.load_model(args.model):
@@ -189,9 +219,9 @@ def _models_control(args: argparse.Namespace) -> int:
 
 
 def _health(args: argparse.Namespace) -> int:
-    from inferd_client import InferClient, InferError
+    from inferd_client import InferError
 
-    with InferClient(args.url) as client:
+    with _client(args) as client:
         try:
             status = client.health(args.service, timeout=args.timeout)
         except InferError as exc:
@@ -210,12 +240,28 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host")
     serve.add_argument("--port", type=int, help="gRPC port (default 8001)")
     serve.add_argument("--metrics-port", type=int, help="Prometheus port (default 8002, -1 off)")
+    serve.add_argument("--metrics-host", help="address of /metrics (plain HTTP; default --host)")
+    serve.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve gRPC over TLS")
+    serve.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    serve.add_argument(
+        "--tls-client-ca", type=Path, help="PEM CA bundle: require client certificates (mTLS)"
+    )
     serve.add_argument("--config", type=Path, help="TOML file with any ServerConfig field")
     serve.add_argument("--log-level")
     serve.set_defaults(run=_serve)
 
     def client_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--url", default=DEFAULT_TARGET, help=f"server (default {DEFAULT_TARGET})")
+        p.add_argument(
+            "--url",
+            default=DEFAULT_TARGET,
+            help=f"server (default {DEFAULT_TARGET}); several: IP:PORT,IP:PORT or dns:///NAME:PORT",
+        )
+        tls = p.add_argument_group("TLS (any of these turns it on)")
+        tls.add_argument("--tls", action="store_true", help="TLS, verified with the system CAs")
+        tls.add_argument("--tls-ca", type=Path, help="PEM CA that signed the server certificate")
+        tls.add_argument("--tls-cert", type=Path, help="PEM client certificate chain (mTLS)")
+        tls.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+        tls.add_argument("--tls-server-name", help="name to verify the server certificate for")
 
     predict = sub.add_parser("predict", help="run one request; random inputs unless given")
     predict.add_argument("model")

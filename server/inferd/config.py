@@ -18,6 +18,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from inferd.connections import ConnectionConfig
 from inferd.core.models.config import ModelDefaults
 from inferd.observability.logging import LogFormat
 from inferd.observability.metrics import LATENCY_BUCKETS
@@ -50,12 +51,43 @@ class ServerConfig(BaseSettings):
     max_elements_per_request: Annotated[int, Field(ge=1)] = 16 * 1024 * 1024
     """Tensor elements per request, all inputs together; checked before any allocation."""
 
+    max_bytes_elements_per_request: Annotated[int, Field(ge=1)] = 1 << 20
+    """BYTES (string) elements per request, all inputs together: each becomes a Python object,
+    decoded at ~0.4 µs each (on a worker thread past a few thousand, so the event loop never
+    waits on them); a larger request is INVALID_ARGUMENT before any is decoded."""
+
+    max_request_bytes_in_flight: Annotated[int, Field(ge=1)] = 1024 * 1024 * 1024
+    """Bytes of inference request messages held by requests in flight (queued, executing, or
+    a stream's answer not yet sent), server-wide. A request that would exceed it is answered
+    RESOURCE_EXHAUSTED before its message is parsed (a lone request larger than the budget is
+    still served on an otherwise idle server). Parsed requests hold about as much again."""
+
     stream_window: Annotated[int, Field(ge=1)] = 256
     """Requests of one PredictStream in flight at once; the stream reads no further until one
     is answered (back-pressure instead of unbounded memory)."""
 
     grace_period_s: Annotated[float, Field(ge=0)] = 30.0
     """On SIGTERM/SIGINT: how long to finish accepted requests before exiting anyway."""
+
+    tls_cert: Path | None = None
+    """PEM certificate chain; with `tls_key`, the gRPC port serves TLS only. Both files are
+    re-read when they change (checked at each new connection) or on SIGHUP: docs/tls.md."""
+
+    tls_key: Path | None = None
+    """PEM private key of `tls_cert`, unencrypted."""
+
+    tls_client_ca: Path | None = None
+    """PEM CA bundle: with it, clients must present a certificate it signed (mutual TLS)."""
+
+    metrics_host: str | None = None
+    """Address of the /metrics endpoint, which is plain HTTP even when gRPC uses TLS
+    (default: `host`); e.g. 127.0.0.1 to keep it off the network beside a local agent."""
+
+    connections: ConnectionConfig = Field(default_factory=ConnectionConfig)
+    """Connection keepalive and lifetimes: keepalive_time_s (7200), keepalive_timeout_s (20),
+    min_client_ping_interval_s (10), max_ping_strikes (2), permit_keepalive_without_calls
+    (true), max_pings_without_data (0), max_connection_idle_s (300), max_connection_age_s and
+    max_connection_age_grace_s (unset: never); see inferd/connections.py."""
 
     log_level: str = "INFO"
 
@@ -86,6 +118,12 @@ class ServerConfig(BaseSettings):
     require_ready_marker: bool = False
     """Load a version directory only once it holds a `.ready` file (write the files, then the
     marker), instead of waiting for its files to stop changing."""
+
+    retired_retention_s: Annotated[float, Field(ge=0)] = 300.0
+    """Seconds an UNLOADED version (replaced, removed from the repository, unloaded) stays in
+    ListModels, GetModelStatus and the repository index, with its metric series, before the
+    server forgets it; 0 forgets it at once. Checked every poll_interval_s (poll and explicit
+    modes). FAILED versions stay until their files are fixed or removed."""
 
     control_token: SecretStr | None = None
     """Enables the control RPCs (ModelRepository Load/Unload/Index and the Open Inference

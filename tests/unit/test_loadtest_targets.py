@@ -40,6 +40,26 @@ def test_target_spec_names_kind_address_and_options() -> None:
     assert parse_target("inprocess:models,threads=2", "cnn").threads == 2
 
 
+def test_tls_keys_of_a_target() -> None:
+    spec = parse_target("oip:127.0.0.1:8001,tls_ca=ca.pem,tls_server_name=inferd.test", "mlp")
+    assert (spec.tls, spec.tls_ca, spec.tls_server_name) == (True, "ca.pem", "inferd.test")
+    assert not parse_target("native:127.0.0.1:8001", "mlp").tls
+    mutual = parse_target("native:127.0.0.1:8001,tls_ca=ca.pem,tls_cert=c.pem,tls_key=k.pem", "m")
+    assert (mutual.tls_cert, mutual.tls_key) == ("c.pem", "k.pem")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "native:127.0.0.1:1,tls_cert=c.pem",  # without its key
+        "inprocess:models,tls_ca=ca.pem",  # no connection to secure
+    ],
+)
+def test_incomplete_or_misplaced_tls_keys_are_refused(text: str) -> None:
+    with pytest.raises(TargetError, match="tls"):
+        parse_target(text, "mlp")
+
+
 @pytest.mark.parametrize(
     "text",
     ["grpc:127.0.0.1:1", "native:", "native:127.0.0.1:1,colour=red", "native:127.0.0.1:x"],
