@@ -151,6 +151,7 @@ class InferenceServer:
         token = config.control_token.get_secret_value() if config.control_token else None
         self.control_auth = ControlAuth(token)
         # Both protocols' frontends translate into this one object.
+        self.budget = ByteBudget(config.max_request_bytes_in_flight)
         self.dataplane = DataPlane(
             self.registry,
             Limits(
@@ -159,9 +160,9 @@ class InferenceServer:
             ),
             self.observer,
             self.request_tracing,
+            self.budget,
         )
         self.health = HealthServicer()
-        self.budget = ByteBudget(config.max_request_bytes_in_flight)
         self.wire = Wire(self.budget, self.observer)
         self.metrics.registry.register(AdmissionCollector(self.budget))
         self.port = 0

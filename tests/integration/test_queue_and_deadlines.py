@@ -45,6 +45,7 @@ BACKLOG_CLIENTS = 8
 BACKLOG_ROWS = 64
 # Executions take long enough (cnn batch 64: ~0.1 s here) for the queue to build up, on any host.
 ONE_CPU_THREAD = 'execution_providers = ["cpu"]\nintra_op_threads = 1\n'
+MEMORY_BUDGET = 3_670_016  # 3.5 MiB
 # Local bound on any one wait: a hang fails the test instead of the 120 s timeout.
 WAIT = 60.0
 
@@ -78,6 +79,17 @@ def queue_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
         config_toml=(
             "max_batch_size = 8\nmax_queue_size = 64\ninstances = 1\n"
             "max_queue_delay_us = 5000000\ndefault_timeout_us = 100000\n"
+        ),
+    )
+    # Each 8-row request: 393,216 input bytes, estimated 4x: 1.5 MiB; two fit in 3.5 MiB.
+    write_model(
+        cnn,
+        repo,
+        "cnn_memory",
+        config_toml=(
+            "max_batch_size = 8\nmax_queue_size = 64\ninstances = 1\nmax_queue_delay_us = 0\n"
+            f"request_memory_factor = 4.0\nmax_request_bytes_in_flight = {MEMORY_BUDGET}\n"
+            f"{ONE_CPU_THREAD}"
         ),
     )
     return repo
@@ -255,3 +267,25 @@ async def test_server_is_healthy_after_overload_and_expiries(
         served = await client.infer("cnn", x, timeout=WAIT)
         assert await client.health(timeout=WAIT) == "SERVING"
     assert_outputs_match(served, reference_outputs(model_file(queue_repository, "cnn"), x), "cnn")
+
+
+async def test_a_models_memory_budget_refuses_what_would_exceed_it_and_serves_the_rest(
+    queue_server: ServerProcess,
+):
+    x = cnn_input(np.random.default_rng(84), FLOOD_ROWS)
+    async with AsyncInferClient(queue_server.target) as client:
+
+        async def one() -> tuple[grpc.StatusCode, str]:
+            try:
+                await client.infer("cnn_memory", x, timeout=WAIT)
+                return grpc.StatusCode.OK, ""
+            except InferError as exc:
+                return exc.code, exc.details
+
+        results = await asyncio.wait_for(asyncio.gather(*(one() for _ in range(FLOOD))), WAIT)
+        codes = [code for code, _ in results]
+        assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, results
+        refused = [m for code, m in results if code == grpc.StatusCode.RESOURCE_EXHAUSTED]
+        assert all("max_request_bytes_in_flight of 3670016" in m for m in refused), refused
+        # Everything was given back: alone, a request is served.
+        await client.infer("cnn_memory", x, timeout=WAIT)

@@ -248,6 +248,7 @@ class FakeVersion:
     default_timeout: float | None = None
     received: list[InferRequest] = field(default_factory=list)
     statistics: VersionStatistics = field(default_factory=VersionStatistics)
+    memory: None = None
 
     async def infer(self, request: InferRequest) -> InferResult:
         self.received.append(request)

@@ -21,6 +21,7 @@ from inferd.api.inference import (
     heavy,
 )
 from inferd.api.status import status_code
+from inferd.core.admission import ByteBudget, RequestMemory
 from inferd.core.batching.batcher import DEADLINE_SLACK
 from inferd.core.errors import InferdError, InvalidInput, ModelNotFound
 from inferd.core.models.registry import (
@@ -117,11 +118,15 @@ class DataPlane:
         limits: Limits,
         observer: Observer,
         tracing: RequestTracing,
+        budget: ByteBudget | None = None,
     ) -> None:
+        """`budget`: the server's bytes of requests in flight (`api/wire.py` charges each
+        message on arrival; a model's memory estimate beyond that is charged here)."""
         self._registry = registry
         self._limits = limits
         self._observer = observer
         self._tracing = tracing
+        self._budget = budget
 
     # -- inference ---------------------------------------------------------------------------
 
@@ -163,7 +168,10 @@ class DataPlane:
                     )
                 validated = self._validated(request, target, inputs, time_remaining)
                 decoded = time.perf_counter()
-                result = await target.infer(validated)
+                if target.memory is None:
+                    result = await target.infer(validated)
+                else:
+                    result = await self._infer_within_memory(target, target.memory, validated)
                 executed = time.perf_counter()
                 with self._tracing.encode_span():
                     reply = encode(_response(request.id, result))
@@ -172,6 +180,17 @@ class DataPlane:
                 return reply
         finally:
             self._tracing.annotate(model, accounting.version, request_id)
+
+    async def _infer_within_memory(
+        self, target: LoadedVersion, memory: RequestMemory, request: InferRequest
+    ) -> InferResult:
+        """`target.infer`, the request charged its estimated memory meanwhile."""
+        input_bytes = sum(array.nbytes for array in request.inputs.values())
+        charged = memory.acquire(input_bytes, self._budget)
+        try:
+            return await target.infer(request)
+        finally:
+            memory.release(charged, self._budget)
 
     def _validated(
         self,

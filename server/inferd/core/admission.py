@@ -46,3 +46,54 @@ class ByteBudget:
 
     def release(self, size: int) -> None:
         self.in_use -= size
+
+
+class RequestMemory:
+    """One model version's admission by memory: each request is charged an estimate of what it
+    holds while queued and executing (`factor` x its input bytes) against the version's own
+    budget (`limit`, 0: none) and, beyond the message bytes already charged on arrival, the
+    server's. Only a version configured with a factor above 1 or a budget has one: the others
+    pay nothing per request."""
+
+    __slots__ = ("_budget", "factor", "model")
+
+    def __init__(self, model: str, factor: float, limit: int) -> None:
+        self.model = model
+        self.factor = factor
+        self._budget = ByteBudget(limit) if limit else None
+
+    @classmethod
+    def configured(cls, model: str, factor: float, limit: int) -> RequestMemory | None:
+        return cls(model, factor, limit) if factor > 1.0 or limit else None
+
+    def acquire(self, input_bytes: int, server: ByteBudget | None) -> tuple[int, int]:
+        """Charge a request of `input_bytes`; (model charge, server charge), to `release`.
+        Raises QueueFull (RESOURCE_EXHAUSTED) when either budget would be exceeded."""
+        estimate = int(self.factor * input_bytes)
+        extra = estimate - input_bytes if server is not None else 0
+        model = 0
+        if self._budget is not None:
+            try:
+                self._budget.acquire(estimate)
+            except QueueFull:
+                raise QueueFull(
+                    f"model '{self.model}' holds ~{self._budget.in_use} bytes of requests in "
+                    f"flight; this one's ~{estimate} (request_memory_factor {self.factor:g} x "
+                    f"{input_bytes} input bytes) would exceed its max_request_bytes_in_flight "
+                    f"of {self._budget.limit}: retry later"
+                ) from None
+            model = estimate
+        if extra > 0 and server is not None:
+            try:
+                server.acquire(extra)
+            except QueueFull:
+                self.release((model, 0), server)
+                raise
+        return model, max(extra, 0)
+
+    def release(self, charged: tuple[int, int], server: ByteBudget | None) -> None:
+        model, extra = charged
+        if model and self._budget is not None:
+            self._budget.release(model)
+        if extra and server is not None:
+            server.release(extra)

@@ -113,6 +113,17 @@ class ModelConfig(BaseModel):
     costs small batches ~10%, "keep" runs the same large request again 4x faster. Host memory
     only: device (CUDA) memory is the CUDA provider's (`provider_options.cuda`)."""
 
+    request_memory_factor: Annotated[float, Field(ge=1.0)] | None = None
+    """Memory a request is expected to hold while queued and executing, as a multiple of its
+    input bytes (its activations and outputs included): what admission control charges it.
+    1 counts the inputs only; a model whose working memory grows faster than its input (a
+    transformer's attention grows with the square of the sequence) wants the factor measured
+    at the largest request it should accept (docs/operations.md, "Limits")."""
+
+    max_request_bytes_in_flight: Annotated[int, Field(ge=0)] | None = None
+    """Estimated bytes (request_memory_factor x input bytes) the model's requests in flight may
+    hold together; past it RESOURCE_EXHAUSTED at once. 0: only the server's own budget."""
+
     batch_buckets: tuple[Annotated[int, Field(ge=1)], ...] | None = None
     """Batch sizes executed: a batch runs zero-padded up to the smallest bucket that holds it
     (max_batch_size is always one), so only these shapes ever run, each warmed at load, and
@@ -196,6 +207,8 @@ class ModelDefaults(BaseModel):
     cpu_memory_arena: CpuMemoryArena = "off"
     """See ModelConfig.cpu_memory_arena: "off" returned a large request's memory at no measured
     cost to small batches (docs/operations.md)."""
+    request_memory_factor: Annotated[float, Field(ge=1.0)] = 1.0
+    max_request_bytes_in_flight: Annotated[int, Field(ge=0)] = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +230,8 @@ class EffectiveConfig:
     execution_providers: tuple[str, ...]
     intra_op_threads: int
     cpu_memory_arena: CpuMemoryArena
+    request_memory_factor: float
+    max_request_bytes_in_flight: int
 
     @classmethod
     def merge(cls, config: ModelConfig, defaults: ModelDefaults) -> EffectiveConfig:
@@ -243,6 +258,16 @@ class EffectiveConfig:
                 else config.intra_op_threads
             ),
             cpu_memory_arena=config.cpu_memory_arena or defaults.cpu_memory_arena,
+            request_memory_factor=(
+                defaults.request_memory_factor
+                if config.request_memory_factor is None
+                else config.request_memory_factor
+            ),
+            max_request_bytes_in_flight=(
+                defaults.max_request_bytes_in_flight
+                if config.max_request_bytes_in_flight is None
+                else config.max_request_bytes_in_flight
+            ),
         )
 
     @property

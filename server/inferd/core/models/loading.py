@@ -8,6 +8,7 @@ import asyncio
 from collections.abc import Callable
 from pathlib import Path
 
+from inferd.core.admission import RequestMemory
 from inferd.core.batching.batcher import Batcher
 from inferd.core.models.config import EffectiveConfig, ModelConfig, ModelDefaults
 from inferd.core.models.repository import repository_relative
@@ -75,6 +76,9 @@ async def load_files(
         ),
         default_timeout=effective.default_timeout,
         providers=session.providers,
+        memory=RequestMemory.configured(
+            name, effective.request_memory_factor, effective.max_request_bytes_in_flight
+        ),
     )
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from inferd.core.admission import RequestMemory
 from inferd.core.batching.batcher import Batcher, BatchExecutor
 from inferd.core.batching.policy import BatchingPolicy
 from inferd.core.models.config import ModelConfig
@@ -47,6 +48,8 @@ class LoadedVersion:
     default_timeout: float | None
     """Seconds for requests that carry neither a timeout nor a deadline; None: no limit."""
     providers: tuple[str, ...]
+    memory: RequestMemory | None = None
+    """Admission by estimated memory, when the config asks for it (`core/admission.py`)."""
 
     async def infer(self, request: InferRequest) -> InferResult:
         return await self.batcher.submit(request)
