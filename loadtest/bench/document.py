@@ -34,6 +34,7 @@ SUMMARY_HEADING = "## The ratios"
 CLIENT_HEADING = "## Client cost"
 # Measured by hand with the commands it names (the request path's stages and A/B runs).
 PATH_HEADING = "## Per-request path"
+OVERLOAD_HEADING = "## Overload"
 GPU_HEADING = "## GPU"
 # A section not in the document goes before the first of these (after the scenarios).
 BEFORE = (CLIENT_HEADING, REPRODUCE_HEADING)
@@ -139,8 +140,10 @@ def write_document(
     # The client's section comes from its own benchmark, not from this suite: keep it.
     client = find_section(split_sections(previous), CLIENT_HEADING)
     kept_by_hand = [client.rstrip("\n")] if client else []
-    request_path = find_section(split_sections(previous), PATH_HEADING)
-    kept_by_hand += [request_path.rstrip("\n")] if request_path else []
+    for heading in (PATH_HEADING, OVERLOAD_HEADING):
+        # Written from their own tools' runs (scripts/request_stages.py, bench.overload).
+        kept = find_section(split_sections(previous), heading)
+        kept_by_hand += [kept.rstrip("\n")] if kept else []
     text = "\n\n".join(
         [
             "# Benchmarks",

@@ -13,13 +13,14 @@ import grpc
 from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import FileDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import _async as reflection_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from opentelemetry.sdk.trace import SpanProcessor
 
+from inferd.api import status
 from inferd.api.control_auth import ControlAuth
 from inferd.api.dataplane import DataPlane
+from inferd.api.health import Health
 from inferd.api.inference import Limits
 from inferd.api.native import ModelStatusServicer, PredictServicer
 from inferd.api.native_repository import ModelRepositoryServicer
@@ -34,7 +35,7 @@ from inferd.core.models.repository import ModelRepository
 from inferd.core.observer import MultiObserver, Observer
 from inferd.observability.admission_metrics import AdmissionCollector
 from inferd.observability.gpu import GpuCollector
-from inferd.observability.logging import AccessLog
+from inferd.observability.logging import AccessLog, quiet_callers_gone
 from inferd.observability.metrics import PrometheusObserver
 from inferd.observability.tls_metrics import TlsCollector
 from inferd.observability.tracing import (
@@ -162,9 +163,10 @@ class InferenceServer:
             self.request_tracing,
             self.budget,
         )
-        self.health = HealthServicer()
+        self.health = Health()
         self.wire = Wire(self.budget, self.observer)
         self.metrics.registry.register(AdmissionCollector(self.budget))
+        quiet_callers_gone(status.unanswered.inc)
         self.port = 0
         self.metrics_port = 0
         self._grpc: grpc.aio.Server | None = None

@@ -60,7 +60,8 @@ class ServerConfig(BaseSettings):
     """Bytes of inference request messages held by requests in flight (queued, executing, or
     a stream's answer not yet sent), server-wide. A request that would exceed it is answered
     RESOURCE_EXHAUSTED before its message is parsed (a lone request larger than the budget is
-    still served on an otherwise idle server). Parsed requests hold about as much again."""
+    still served on an otherwise idle server). Parsed, raw tensors hold about as much again;
+    the Open Inference Protocol's typed contents up to ~20x (see core/admission.py)."""
 
     stream_window: Annotated[int, Field(ge=1)] = 256
     """Requests of one PredictStream in flight at once; the stream reads no further until one

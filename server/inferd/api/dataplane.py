@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from inferd.api.inference import (
+    HEAVY_ELEMENTS,
     Limits,
     WireTensor,
     absolute_deadline,
@@ -174,7 +175,11 @@ class DataPlane:
                     result = await self._infer_within_memory(target, target.memory, validated)
                 executed = time.perf_counter()
                 with self._tracing.encode_span():
-                    reply = encode(_response(request.id, result))
+                    if _heavy_outputs(result):
+                        response = await asyncio.to_thread(_response, request.id, result)
+                    else:
+                        response = _response(request.id, result)
+                    reply = encode(response)
                 done = time.perf_counter()
                 target.statistics.request_served(decoded - started, done - executed, done - started)
                 return reply
@@ -272,6 +277,15 @@ class DataPlane:
         """The state of every version of `model` (every model when empty), then each change.
         Ends with OverflowError if the watcher falls too far behind."""
         return self._registry.watch(model)
+
+
+def _heavy_outputs(result: InferResult) -> bool:
+    """Whether encoding `result` would hold the event loop (BYTES outputs are packed element
+    by element; fixed-size ones are one copy, whatever their size)."""
+    return any(
+        array.dtype.kind in "OSU" and array.size > HEAVY_ELEMENTS
+        for array in result.outputs.values()
+    )
 
 
 def _response(request_id: str, result: InferResult) -> InferenceResponse:

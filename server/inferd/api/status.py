@@ -121,8 +121,11 @@ def abort_on_error(method: Method) -> Method:
                 async with contextlib.aclosing(method(self, request, context)) as responses:
                     async for response in responses:
                         yield response
+                return
             except ANSWERED as error:
-                await answer_with_status(context, *grpc_status(error))
+                status = grpc_status(error)
+            del request
+            await answer_with_status(context, *status)
 
         return cast(Method, stream)
 
@@ -131,6 +134,12 @@ def abort_on_error(method: Method) -> Method:
         try:
             return await method(self, request, context)
         except ANSWERED as error:
-            await answer_with_status(context, *grpc_status(error))
+            status = grpc_status(error)
+        # Aborted outside the except block and without the request: gRPC keeps the abort's
+        # exception, whose traceback holds this frame and would otherwise hold the error's
+        # (its __context__), and with them the request, until the garbage collector runs: a
+        # 20 MB typed request kept ~420 MB that way.
+        del request
+        await answer_with_status(context, *status)
 
     return cast(Method, unary)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
@@ -26,21 +27,27 @@ async def answer_concurrently(
     running: set[asyncio.Task[None]] = set()
 
     async def run(request: Incoming[Request]) -> None:
-        try:
-            response = await answer(request)
-        except BaseException:
+        answers.put_nowait((await answer(request), request))
+
+    def ran(request: Incoming[Request], task: asyncio.Task[None]) -> None:
+        running.discard(task)
+        # Cancelled (perhaps before it ever started: the stream ended) or failed: nothing will
+        # be sent for it, so its slot and bytes are free now.
+        if task.cancelled() or task.exception() is not None:
             request.release()
             slots.release()
-            raise
-        answers.put_nowait((response, request))
 
     async def read() -> None:
         try:
             async for request in requests:
-                await slots.acquire()
+                try:
+                    await slots.acquire()
+                except BaseException:
+                    request.release()  # the stream ended while it waited for a slot
+                    raise
                 task = asyncio.get_running_loop().create_task(run(request))
                 running.add(task)
-                task.add_done_callback(running.discard)
+                task.add_done_callback(functools.partial(ran, request))
             while running:
                 await asyncio.gather(*running, return_exceptions=True)
         finally:

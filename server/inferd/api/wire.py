@@ -183,7 +183,14 @@ def _unary(
                 refused(protocol, grpc.StatusCode.INVALID_ARGUMENT, time.perf_counter())
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, undecodable(message_type))
             del raw
-            return await behavior(request, context)
+            try:
+                return await behavior(request, context)
+            finally:
+                # The frame outlives the call in an abort's traceback (`api/status.py`).
+                del request
+        except NotImplementedError:
+            # A generated method nobody implements: gRPC would log a traceback per call.
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "method not implemented")
         finally:
             if budget is not None:
                 budget.release(size)

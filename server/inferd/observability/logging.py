@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import random
 import sys
+from collections.abc import Callable
 from typing import Literal
 
 from opentelemetry import trace
@@ -49,6 +50,35 @@ def configure_logging(level: str, log_format: LogFormat = "json") -> None:
     # Python-level warnings (onnxruntime's Python layer warns this way, e.g. about providers)
     # would otherwise print raw on stderr between the JSON lines: log them on "py.warnings".
     logging.captureWarnings(True)
+
+
+GRPC_CORE_LOGGER = "grpc._cython.cygrpc"
+
+
+class CallerGoneFilter(logging.Filter):
+    """Drops gRPC's ERROR record for a reply it could not send because the caller had gone (a
+    stream cancelled while its answers waited, say), and counts it with `on_drop` instead: it
+    is the client's doing, it needs no action, and a client could otherwise flood the log with
+    tracebacks by cancelling."""
+
+    MESSAGE = "ExecuteBatchError raised in core by servicer method"
+
+    def __init__(self, on_drop: Callable[[], None]) -> None:
+        super().__init__()
+        self._on_drop = on_drop
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg.startswith(self.MESSAGE):
+            self._on_drop()
+            return False
+        return True
+
+
+def quiet_callers_gone(on_drop: Callable[[], None]) -> None:
+    """Install `CallerGoneFilter` on gRPC's core logger (once per process)."""
+    logger = logging.getLogger(GRPC_CORE_LOGGER)
+    if not any(isinstance(f, CallerGoneFilter) for f in logger.filters):
+        logger.addFilter(CallerGoneFilter(on_drop))
 
 
 class AccessLog(Observer):

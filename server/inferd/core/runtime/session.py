@@ -166,30 +166,37 @@ def _graph_tensors(
 INLINE_BELOW = 100e-6
 
 
-class RunTimeEstimate:
-    """A moving average of a batch's run time and rows, predicting a batch's run time as linear
-    in its rows (an overestimate where a fixed cost dominates: the safe side for inlining).
-    No prediction (infinity) before the first run, so nothing runs inline unmeasured."""
+def _elements(batch: Sequence[Mapping[str, Array]]) -> int:
+    """Input elements of a batch: what its run time is predicted from."""
+    return sum(array.size for inputs in batch for array in inputs.values())
 
-    __slots__ = ("_rows", "_seconds")
+
+class RunTimeEstimate:
+    """A moving average of a batch's run time and size, predicting a batch's run time as linear
+    in its size (an overestimate where a fixed cost dominates: the safe side for inlining).
+    The size is the batch's input elements, not its rows: a model without a batch dim, or one
+    whose sequence length varies, has requests of one row and any size. No prediction
+    (infinity) before the first run, so nothing runs inline unmeasured."""
+
+    __slots__ = ("_seconds", "_size")
 
     WEIGHT = 0.2
 
     def __init__(self) -> None:
         self._seconds: float | None = None
-        self._rows = 1.0
+        self._size = 1.0
 
-    def observe(self, rows: int, seconds: float) -> None:
+    def observe(self, size: int, seconds: float) -> None:
         if self._seconds is None:
-            self._seconds, self._rows = seconds, float(rows)
+            self._seconds, self._size = seconds, float(size)
             return
         self._seconds += self.WEIGHT * (seconds - self._seconds)
-        self._rows += self.WEIGHT * (rows - self._rows)
+        self._size += self.WEIGHT * (size - self._size)
 
-    def predict(self, rows: int) -> float:
+    def predict(self, size: int) -> float:
         if self._seconds is None:
             return float("inf")
-        return self._seconds * max(1.0, rows / self._rows)
+        return self._seconds * max(1.0, size / self._size)
 
 
 class OnnxRuntimeSession:
@@ -346,11 +353,12 @@ class OnnxRuntimeSession:
         self, batch: Sequence[Mapping[str, Array]], outputs: Sequence[str]
     ) -> BatchRun:
         real = rows_in(batch) if self._batches else 1
-        run = self._run_if_short(batch, outputs, real)
+        size = _elements(batch)
+        run = self._run_if_short(batch, outputs, real, size)
         if run is None:
             loop = asyncio.get_running_loop()
             run = await loop.run_in_executor(self._pool, self.run_batch, batch, outputs, real)
-            self._run_time.observe(real, run.input_time + run.infer_time + run.output_time)
+            self._run_time.observe(size, run.input_time + run.infer_time + run.output_time)
         return run
 
     def run_inline(
@@ -358,15 +366,16 @@ class OnnxRuntimeSession:
     ) -> BatchRun | None:
         """Run the batch on the calling thread when its predicted run time is under
         INLINE_BELOW; None otherwise."""
-        return self._run_if_short(batch, outputs, rows_in(batch) if self._batches else 1)
+        real = rows_in(batch) if self._batches else 1
+        return self._run_if_short(batch, outputs, real, _elements(batch))
 
     def _run_if_short(
-        self, batch: Sequence[Mapping[str, Array]], outputs: Sequence[str], real: int
+        self, batch: Sequence[Mapping[str, Array]], outputs: Sequence[str], real: int, size: int
     ) -> BatchRun | None:
-        if self._run_time.predict(real) >= INLINE_BELOW:
+        if self._run_time.predict(size) >= INLINE_BELOW:
             return None
         run = self.run_batch(batch, outputs, real)
-        self._run_time.observe(real, run.input_time + run.infer_time + run.output_time)
+        self._run_time.observe(size, run.input_time + run.infer_time + run.output_time)
         return run
 
     def run_batch(
