@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from inferd.core.errors import InvalidInput
+from inferd.core.errors import InvalidInput, quoted
 from inferd.core.models.config import ModelConfig, load_model_config
 from inferd.core.models.triton_config import TritonModelConfig, load_triton_config
 from inferd.core.observer import RepositoryProblem
@@ -46,7 +46,7 @@ MODEL_PROBLEMS = frozenset({"invalid_name", "unreadable", "config", "no_version"
 
 def validate_model_name(name: str) -> None:
     if not _MODEL_NAME.fullmatch(name) or ".." in name:
-        raise InvalidInput(f"model name {name!r} is invalid: {_MODEL_NAME_RULE}")
+        raise InvalidInput(f"model name {quoted(name)} is invalid: {_MODEL_NAME_RULE}")
 
 
 def printable(name: str) -> str:
