@@ -5,6 +5,7 @@ because the client stops picking it and retries what it refused on another."""
 from __future__ import annotations
 
 import contextlib
+import signal
 import threading
 import time
 from collections import Counter
@@ -16,6 +17,7 @@ import grpc
 import numpy as np
 import pytest
 from inprocess_server import ServerThread
+from integration_support import ServerFactory
 
 from inferd.demo_models import MLP_CONFIG, build_mlp, write_model
 from inferd_client import InferClient, InferError
@@ -182,3 +184,32 @@ def test_a_refused_call_is_retried_on_the_next_server(retries: int) -> None:
 def test_a_server_address_list_must_be_ip_literals() -> None:
     with pytest.raises(ValueError, match="dns:///"):
         InferClient(["localhost:8001", "localhost:8002"])
+
+
+def test_replicas_that_drain_or_die_mid_run_cost_no_call(
+    start_server: ServerFactory, mlp_repository: Path
+) -> None:
+    """Three replicas in processes of their own, 8 clients calling through one InferClient
+    with the three addresses; mid-run one replica gets SIGTERM (it drains) and another SIGKILL
+    (it vanishes, calls in flight on it included). Every call ends OK, or with a precise error
+    (never UNKNOWN or INTERNAL), and none hangs; the survivor serves the rest."""
+    replicas = [start_server(mlp_repository) for _ in range(REPLICAS)]
+    targets = [f"127.0.0.1:{r.port}" for r in replicas]
+    with InferClient(targets) as client, Load(client) as load:
+        wait_for(lambda: load.ok() >= 300, "300 OK calls before the signals")
+        before = load.ok()
+        replicas[0].send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        replicas[1].process.kill()
+        replicas[0].process.wait(WAIT)
+        replicas[1].process.wait(WAIT)
+        wait_for(lambda: load.ok() >= before + 300, "300 OK calls after the signals")
+    report = f"outcomes {dict(load.outcomes)}; first errors {load.errors[:5]}"
+    print(
+        f"\nthree replicas, one SIGTERM and one SIGKILL mid-run under {CLIENTS} clients: {report}"
+    )
+    assert set(load.outcomes) <= {"OK", "UNAVAILABLE"}, report
+    # Retries carry nearly every call of a replica that went away to another one.
+    assert load.outcomes["UNAVAILABLE"] <= 16, report
+    with InferClient(targets[2], retries=0) as survivor:
+        assert sum(v.statistics["request_success"] for v in survivor.status("mlp")) >= 300
