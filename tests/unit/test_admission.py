@@ -55,3 +55,12 @@ def test_a_server_budget_refusal_releases_the_models_charge() -> None:
     with pytest.raises(QueueFull):
         memory.acquire(100, server)  # 200 beyond the message: the server has 100 left
     assert memory.acquire(10, server) == (30, 20)
+
+
+def test_a_models_estimate_beyond_the_whole_budget_is_let_in_on_an_idle_server() -> None:
+    server = ByteBudget(1_000)
+    server.acquire(400)  # the request's own message, charged on arrival
+    memory = RequestMemory("m", 20.0, 0)
+    assert memory.acquire(400, server) == (0, 7_600)
+    with pytest.raises(QueueFull):
+        server.acquire(1)

@@ -472,6 +472,37 @@ async def test_request_the_queued_work_would_keep_past_its_deadline_is_shed_at_o
     assert 4 not in [i for b in executor.batches for i in b.ids]
 
 
+async def test_an_idle_model_never_sheds_and_a_fixed_cost_is_not_scaled_by_rows() -> None:
+    # 10 ms a batch + 0.1 ms a row; measured at one row only.
+    executor = FakeExecutor(cost=lambda batch: 0.010 + 0.0001 * sum(len(p["x"]) for p in batch))
+    batcher = make_batcher(executor, max_batch_size=32)
+    assert_answer(await settle(batcher.submit(request(0))), 0)
+    # Idle: a 16-row request with 100 ms to go is served (it takes ~12 ms).
+    assert_answer(await settle(batcher.submit(request(1, rows=16, deadline=now() + 0.1))), 1, 16)
+    # One batch running, nothing queued: a 1-row request with 100 ms to go waits ~20 ms.
+    running = submit_at(batcher, now(), request(2, rows=32))
+    await asyncio.sleep(0.001)
+    assert batcher.in_flight == 1
+    assert_answer(await settle(batcher.submit(request(3, deadline=now() + 0.1))), 3)
+    assert_answer((await answers([running]))[0], 2, 32)
+
+
+async def test_only_requests_as_urgent_or_more_are_ahead_of_a_request() -> None:
+    executor = FakeExecutor(cost=1.0)
+    observer = RecordingObserver()
+    batcher = make_batcher(executor, observer, max_batch_size=1)
+    assert_answer(await settle(batcher.submit(request(0))), 0)  # measures 1 s
+    busy = submit_at(batcher, now(), request(1))
+    background = [submit_at(batcher, now(), request(i, priority=5)) for i in range(2, 12)]
+    await asyncio.sleep(TICK)
+    assert (batcher.in_flight, batcher.queued) == (1, 10)
+    # Ten low-priority requests wait, but an urgent one runs next: ~2 s, within 3.
+    urgent = await settle(batcher.submit(request(12, priority=1, deadline=now() + 3.0)))
+    assert_answer(urgent, 12)
+    assert RejectReason.SHED not in observer.rejections
+    await answers([busy, *background])
+
+
 async def test_nothing_is_shed_before_a_batch_time_was_measured() -> None:
     executor = FakeExecutor(cost=1.0)
     batcher = make_batcher(executor, max_batch_size=1)

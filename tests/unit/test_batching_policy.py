@@ -9,15 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from inferd.core.batching.policy import (
-    TIMER_SLACK,
-    ArrivalEstimate,
-    BatchingPolicy,
-    DrainRate,
-    ServiceTimeEstimate,
-    expected_finish,
-    next_queue,
-)
+from inferd.core.batching.policy import TIMER_SLACK, ArrivalEstimate, BatchingPolicy, next_queue
 
 # -- when a queue may dispatch ---------------------------------------------------------------
 
@@ -237,40 +229,3 @@ def test_a_batch_not_expected_to_grow_in_time_dispatches_now() -> None:
     assert policy.dispatch_at(1, 0.0, 0.2, next_arrival=1.5) == 0.2
     assert policy.dispatch_at(1, 0.0, 0.2, next_arrival=0.9) == pytest.approx(1.0)
     assert policy.dispatch_at(1, 0.0, 0.2, next_arrival=None) == pytest.approx(1.0)
-
-
-# -- shedding: when a request would finish -----------------------------------------------------
-
-
-def test_nothing_is_expected_before_a_batch_was_measured() -> None:
-    policy = BatchingPolicy(max_batch_size=4)
-    assert expected_finish(policy, ServiceTimeEstimate(), DrainRate(), 100, 1, True) is None
-
-
-def test_expected_finish_counts_full_batches_ahead_over_the_slots_and_the_running_ones() -> None:
-    service = ServiceTimeEstimate()
-    service.observe(4, 0.1)  # a full batch: 100 ms
-    one_slot = BatchingPolicy(max_batch_size=4)
-    two_slots = BatchingPolicy(max_batch_size=4, instances=2)
-    # 8 rows ahead = 2 full batches, plus the running one, plus its own (1 + 0 rows: 1 batch).
-    assert expected_finish(one_slot, service, DrainRate(), 8, 1, True) == pytest.approx(0.4)
-    assert expected_finish(two_slots, service, DrainRate(), 8, 1, True) == pytest.approx(0.3)
-    assert expected_finish(one_slot, service, DrainRate(), 0, 1, False) == pytest.approx(0.1)
-
-
-def test_a_measured_drain_rate_slower_than_the_batches_is_what_a_request_waits_behind() -> None:
-    service = ServiceTimeEstimate()
-    service.observe(4, 0.1)
-    drain = DrainRate()
-    drain.taken(0.0, 4, backlogged=True)
-    drain.taken(0.2, 4, backlogged=True)  # batches leave every 200 ms, not 100: 50 ms a row
-    assert drain.seconds_per_row == pytest.approx(0.05)
-    policy = BatchingPolicy(max_batch_size=4)
-    assert expected_finish(policy, service, drain, 8, 1, False) == pytest.approx(0.5)
-
-
-def test_the_drain_rate_is_measured_only_between_backlogged_batches() -> None:
-    drain = DrainRate()
-    drain.taken(0.0, 4, backlogged=False)
-    drain.taken(5.0, 4, backlogged=True)  # the queue was idle in between: no sample
-    assert drain.seconds_per_row is None

@@ -172,7 +172,9 @@ class DataPlane:
                 if target.memory is None:
                     result = await target.infer(validated)
                 else:
-                    result = await self._infer_within_memory(target, target.memory, validated)
+                    result = await self._infer_within_memory(
+                        target, target.memory, validated, request.inputs
+                    )
                 executed = time.perf_counter()
                 with self._tracing.encode_span():
                     if _heavy_outputs(result):
@@ -187,10 +189,18 @@ class DataPlane:
             self._tracing.annotate(model, accounting.version, request_id)
 
     async def _infer_within_memory(
-        self, target: LoadedVersion, memory: RequestMemory, request: InferRequest
+        self,
+        target: LoadedVersion,
+        memory: RequestMemory,
+        request: InferRequest,
+        tensors: Sequence[WireTensor],
     ) -> InferResult:
-        """`target.infer`, the request charged its estimated memory meanwhile."""
-        input_bytes = sum(array.nbytes for array in request.inputs.values())
+        """`target.infer`, the request charged its estimated memory meanwhile: a multiple of
+        its inputs' wire bytes (typed contents counted at 8 bytes an element)."""
+        input_bytes = sum(
+            len(t.contents) if isinstance(t.contents, bytes) else 8 * t.contents.count
+            for t in tensors
+        )
         charged = memory.acquire(input_bytes, self._budget)
         try:
             return await target.infer(request)

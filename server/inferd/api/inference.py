@@ -60,7 +60,7 @@ def heavy(tensors: Sequence[WireTensor]) -> bool:
     for tensor in tensors:
         contents = tensor.contents
         if isinstance(contents, bytes):
-            if tensor.datatype == "BYTES" and len(contents) > 4 * HEAVY_ELEMENTS:
+            if tensor.datatype == "BYTES" and element_count(tensor.shape) > HEAVY_ELEMENTS:
                 return True
         elif contents.count > HEAVY_ELEMENTS:
             return True

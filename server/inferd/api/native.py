@@ -73,7 +73,21 @@ class PredictServicer(predict_pb2_grpc.PredictServicer):
                 error = predict_pb2.RequestStatus(code=code.value[0], message=message)
                 return predict_pb2.PredictStreamResponse(id=request.id, error=error)
 
-        async for response in answer_concurrently(request_iterator, answer, self._stream_window):
+        def failed(
+            incoming: Incoming[predict_pb2.PredictRequest], error: Exception
+        ) -> predict_pb2.PredictStreamResponse:
+            status = predict_pb2.RequestStatus(
+                code=grpc.StatusCode.INTERNAL.value[0],
+                message=f"internal error ({type(error).__name__}); the server logged it",
+            )
+            request = incoming.message
+            return predict_pb2.PredictStreamResponse(
+                id=request.id if request is not None else "", error=status
+            )
+
+        async for response in answer_concurrently(
+            request_iterator, answer, self._stream_window, failed
+        ):
             yield response
 
     async def _predict(

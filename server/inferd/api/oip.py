@@ -158,7 +158,25 @@ class GRPCInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     ),
                 )
 
-        async for response in answer_concurrently(request_iterator, answer, self._stream_window):
+        def failed(
+            incoming: Incoming[pb.ModelInferRequest], error: Exception
+        ) -> pb.ModelStreamInferResponse:
+            message = f"internal error ({type(error).__name__}); the server logged it"
+            request = incoming.message
+            if request is None:
+                return pb.ModelStreamInferResponse(error_message=message)
+            return pb.ModelStreamInferResponse(
+                error_message=message,
+                infer_response=pb.ModelInferResponse(
+                    model_name=request.model_name,
+                    model_version=request.model_version,
+                    id=request.id,
+                ),
+            )
+
+        async for response in answer_concurrently(
+            request_iterator, answer, self._stream_window, failed
+        ):
             yield response
 
     async def _infer(

@@ -8,7 +8,6 @@ parameter types); everything a model declares is checked once, by `server/inferd
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -16,6 +15,7 @@ from inferd.api.dataplane import InferenceRequest, InferenceResponse
 from inferd.api.inference import TypedContents, WireTensor
 from inferd.api.status import Unimplemented
 from inferd.core.errors import InvalidInput, quoted
+from inferd.core.models.repository import VERSION_NAME
 from inferd_wire.codec import element_count, wire_contents
 from inferd_wire.proto.inference import grpc_service_pb2 as pb
 
@@ -62,15 +62,12 @@ def infer_request(request: pb.ModelInferRequest) -> InferenceRequest:
     )
 
 
-VERSION = re.compile(r"[0-9]{1,18}")
-
-
 def parse_version(field: str, version: str) -> int | None:
     """ "" -> None (the policy's choice); up to 18 ASCII digits -> that version (what a
     repository's version directories may be named: `core/models/repository.py`)."""
     if not version:
         return None
-    if VERSION.fullmatch(version) is None:
+    if VERSION_NAME.fullmatch(version) is None:
         raise InvalidInput(
             f"{field}: {quoted(version)} is not a version number (1 to 18 digits 0-9)"
         )

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 from inferd.api.wire import Incoming
+
+log = logging.getLogger(__name__)
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
@@ -17,17 +20,25 @@ async def answer_concurrently(
     requests: AsyncIterator[Incoming[Request]],
     answer: Callable[[Incoming[Request]], Awaitable[Response]],
     window: int,
+    failed: Callable[[Incoming[Request], Exception], Response],
 ) -> AsyncIterator[Response]:
     """Answers of a request stream, each as soon as it is ready: requests run concurrently, at
     most `window` at once, counted until their answer has been sent (the stream reads no
     further meanwhile: back-pressure instead of unbounded memory, also against a client that
-    sends without reading). `answer` must not raise."""
+    sends without reading). `answer` answers the errors it knows with their status; anything
+    else it raises (a bug) is logged and answered with `failed`, so that every request still
+    gets exactly one answer."""
     answers: asyncio.Queue[tuple[Response, Incoming[Request]] | None] = asyncio.Queue()
     slots = asyncio.Semaphore(window)
     running: set[asyncio.Task[None]] = set()
 
     async def run(request: Incoming[Request]) -> None:
-        answers.put_nowait((await answer(request), request))
+        try:
+            response = await answer(request)
+        except Exception as exc:
+            log.exception("a stream's request failed unexpectedly")
+            response = failed(request, exc)
+        answers.put_nowait((response, request))
 
     def ran(request: Incoming[Request], task: asyncio.Task[None]) -> None:
         running.discard(task)

@@ -34,10 +34,11 @@ class ByteBudget:
         self.in_use = 0
         self.refused = 0
 
-    def acquire(self, size: int) -> None:
+    def acquire(self, size: int, own: int = 0) -> None:
         """Charge `size` bytes; QueueFull (RESOURCE_EXHAUSTED) when that would exceed the
-        budget."""
-        if self.in_use + size > self.limit and self.in_use > 0:
+        budget. `own`: bytes this request already holds (its message), which do not make the
+        server busy: with nothing else held, it is let in whatever its size."""
+        if self.in_use + size > self.limit and self.in_use > own:
             self.refused += 1
             raise QueueFull(
                 f"the server holds {self.in_use} bytes of requests in flight; a {size}-byte "
@@ -87,7 +88,7 @@ class RequestMemory:
             model = estimate
         if extra > 0 and server is not None:
             try:
-                server.acquire(extra)
+                server.acquire(extra, own=input_bytes)
             except QueueFull:
                 self.release((model, 0), server)
                 raise

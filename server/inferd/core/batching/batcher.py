@@ -19,15 +19,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from inferd.core.batching.policy import (
-    ArrivalEstimate,
-    BatchingPolicy,
-    DrainRate,
-    ServiceTimeEstimate,
-    expected_finish,
-    next_queue,
-)
+from inferd.core.batching.policy import ArrivalEstimate, BatchingPolicy, next_queue
 from inferd.core.batching.queue import EntryState, QueuedRequest, ShapeQueue
+from inferd.core.batching.shedding import DrainRate, ServiceTimeEstimate, expected_finish
 from inferd.core.batching.timer import wait_until
 from inferd.core.errors import (
     DeadlineExceeded,
@@ -97,12 +91,14 @@ class Batcher:
         self._observer = observer or Observer()
         self._queues: dict[tuple[Any, ...], ShapeQueue] = {}
         self._queued = 0
-        self._queued_rows = 0
+        # Rows waiting, by priority level: what a new request of each level waits behind.
+        self._rows_by_priority: dict[int, int] = {}
         self._in_flight: set[asyncio.Task[None]] = set()
         # Batches executing. Not len(_in_flight): a task leaves that set in a done-callback,
         # after the callers it answered have already run and sent their next requests, which
         # would then find the slot still taken and skip the inline path.
         self._running = 0
+        self._running_rows = 0
         self._slots = asyncio.Semaphore(policy.instances)
         self._wake = asyncio.Event()
         self._draining = False
@@ -172,7 +168,8 @@ class Batcher:
             queue = self._queues[entry.key] = ShapeQueue()
         queue.push(entry)
         self._queued += 1
-        self._queued_rows += entry.rows
+        levels = self._rows_by_priority
+        levels[entry.priority] = levels.get(entry.priority, 0) + entry.rows
         self._observer.queue_depth_changed(self.model, self.version, self._queued)
         self._wake.set()
         try:
@@ -199,16 +196,21 @@ class Batcher:
 
     def _shed_if_too_late(self, entry: QueuedRequest, deadline: float, now: float) -> None:
         """Refuse at once (RESOURCE_EXHAUSTED) a request that the work queued ahead of it would
-        keep past its deadline (`expected_finish`, from measured batch times): under overload
-        it is answered now, in microseconds, instead of waiting out its deadline in the queue
-        and being refused then, or executed for a caller that has gone."""
+        keep past its deadline (`batching/shedding.py`): under overload it is answered now, in
+        microseconds, instead of waiting out its deadline in the queue and being refused then,
+        or executed for a caller that has gone. Only requests of its priority level or more
+        urgent ones are ahead of it; with nothing ahead and a slot idle, nothing is shed."""
+        busy = self._running >= self.policy.instances
+        rows_ahead = sum(r for p, r in self._rows_by_priority.items() if p <= entry.priority)
+        if not rows_ahead and not busy:
+            return
         expected = expected_finish(
             self.policy,
             self._service,
             self._drain,
-            self._queued_rows,
+            rows_ahead,
             entry.rows,
-            self._running >= self.policy.instances,
+            self._running_rows / self._running if busy else None,
         )
         if expected is None or now + expected <= deadline:
             return
@@ -285,7 +287,7 @@ class Batcher:
         if not queue.count:
             del self._queues[entry.key]
         self._queued -= 1
-        self._queued_rows -= entry.rows
+        self._rows_by_priority[entry.priority] -= entry.rows
         entry.state = EntryState.GONE
         self._observer.queue_depth_changed(self.model, self.version, self._queued)
         return True
@@ -298,8 +300,10 @@ class Batcher:
             if batch is None:
                 self._slots.release()
                 return
-            task = loop.create_task(self._execute(batch, loop))
+            rows = sum(entry.rows for entry in batch)
+            task = loop.create_task(self._execute(batch, rows, loop))
             self._running += 1
+            self._running_rows += rows
             self._in_flight.add(task)
             task.add_done_callback(self._in_flight.discard)
 
@@ -347,9 +351,12 @@ class Batcher:
         )
         if not queue.count:
             del self._queues[key]
-        rows = sum(entry.rows for entry in batch)
+        rows = 0
+        levels = self._rows_by_priority
+        for entry in batch:
+            rows += entry.rows
+            levels[entry.priority] -= entry.rows
         self._queued -= len(batch)
-        self._queued_rows -= rows
         self._drain.taken(now, rows, self._queued > 0)
         self._observer.queue_depth_changed(self.model, self.version, self._queued)
         # A request whose answer would come after its deadline is not executed: its caller
@@ -375,7 +382,9 @@ class Batcher:
                 live.append(entry)
         return live
 
-    async def _execute(self, batch: list[QueuedRequest], loop: asyncio.AbstractEventLoop) -> None:
+    async def _execute(
+        self, batch: list[QueuedRequest], rows: int, loop: asyncio.AbstractEventLoop
+    ) -> None:
         try:
             error = await self._run(batch, loop, answer_failure=len(batch) == 1)
             if error is None or len(batch) == 1:
@@ -397,6 +406,7 @@ class Batcher:
                     self._reject(RejectReason.DEADLINE if late else RejectReason.CANCELLED)
         finally:
             self._running -= 1
+            self._running_rows -= rows
             self._slots.release()
 
     async def _run(

@@ -37,7 +37,7 @@ _MODEL_NAME_RULE = (
 # A version directory is 1 to 18 ASCII digits, so that every version fits the wire: int64 in
 # inferd.v1 (18 digits always do, 19 not always) and a decimal string in the Open Inference
 # Protocol. `str.isdigit()` is not the rule: it takes '²', which int() refuses.
-_VERSION_NAME = re.compile(r"[0-9]{1,18}")
+VERSION_NAME = re.compile(r"[0-9]{1,18}")
 MAX_VERSION = 10**18 - 1
 
 # Problems that skip the whole model; the others skip one entry of it.
@@ -148,7 +148,7 @@ class ModelRepository:
             if name.startswith(".") or name == WARMUP_DIRECTORY:
                 continue
             is_dir = entry.is_dir()
-            if _VERSION_NAME.fullmatch(name):
+            if VERSION_NAME.fullmatch(name):
                 if not is_dir:
                     problems.append(
                         self._problem(entry, "not_a_version", "a file, not a version directory")
