@@ -4,6 +4,7 @@
     inferd-loadtest --target native:127.0.0.1:8001 --model mlp --rate 200,800 --arrival poisson
     inferd-loadtest --model mlp --concurrency 32 --compare \\
         native:127.0.0.1:8001 native:127.0.0.1:8001,model=mlp_nobatch,label=batching-off
+    inferd-loadtest --target native:127.0.0.1:8001 --model mlp --connections 4 --concurrency 64
 
 Writes report.json, report.csv and PNG plots to --out and prints a table (and, with
 --compare, every target's figures as ratios of the first's).
@@ -34,11 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Open- and closed-loop load tests of inferd and other gRPC model servers.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(
-            "Targets: KIND:WHERE[,model=M,version=V,label=L,client_batch=N,threads=N,pid=P] "
+            "Targets: KIND:WHERE[,model=M,version=V,label=L,client_batch=N,threads=N,pid=P,"
+            "connections=N] "
             "with KIND native (inferd.v1), oip (Open Inference Protocol / KServe v2 gRPC) or "
             "inprocess (onnxruntime on a model file or repository directory). Loopback "
             "addresses only. pid=P: the server's process, whose CPU time (descendants "
-            "included) is reported per request. TLS servers: ,tls_ca=CA.pem (and "
+            "included) is reported per request. connections=N: HTTP/2 connections per worker "
+            "(a server with several frontend processes on one port balances per connection). "
+            "TLS servers: ,tls_ca=CA.pem (and "
             ",tls_cert=C.pem,tls_key=K.pem for mutual TLS, ,tls_server_name=NAME), or the "
             "--tls-* flags for every network target."
         ),
@@ -80,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--rate", help="open-loop sweep in requests/s, e.g. 100,500,1000")
     load.add_argument("--arrival", choices=("constant", "poisson"), default="poisson")
     load.add_argument("--workers", type=int, default=2, help="load-generating processes")
+    load.add_argument(
+        "--connections",
+        type=int,
+        default=1,
+        help="HTTP/2 connections per worker to each network target that sets no connections= "
+        "of its own (default 1)",
+    )
     load.add_argument("--rounds", type=int, default=1, help="repeat the sweep, merged")
     load.add_argument(
         "--max-in-flight",
@@ -127,7 +138,9 @@ def _levels(args: argparse.Namespace) -> list[LoadLevel]:
 
 def _targets(args: argparse.Namespace) -> list[TargetSpec]:
     texts = args.compare or [args.target or DEFAULT_TARGET]
-    specs = [parse_target(text, args.model) for text in texts]
+    if args.connections < 1:
+        raise TargetError(f"--connections: 1 or more, got {args.connections}")
+    specs = [parse_target(text, args.model, args.connections) for text in texts]
     tls = {
         "tls_ca": args.tls_ca,
         "tls_cert": args.tls_cert,

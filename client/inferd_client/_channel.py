@@ -1,5 +1,6 @@
-"""How a client's channel is made: which servers (one address, several, or a DNS name), TLS,
-and the service config that balances calls over the servers and retries refused ones.
+"""How a client's channels are made: which servers (one address, several, or a DNS name), TLS,
+the service config that balances calls over the servers and retries refused ones, and how many
+connections each server gets.
 
 Balancing and retries are gRPC's own (its service config, applied in its C core): nothing
 here runs per call, so a call costs what it cost without them.
@@ -41,17 +42,30 @@ RETRIED_METHODS = (
 # most image batches unretried. The copy is released once the server answers.
 RETRY_BUFFER_BYTES = 16 * 1024 * 1024
 
+# gRPC keeps one connection per address for all of a process's channels whose arguments are
+# equal (its global subchannel pool), so N plain channels would still be one connection. A pool
+# of its own per channel, and an argument that differs per channel, give each channel its own
+# connection (counted in tests/integration/test_client_connections.py).
+LOCAL_SUBCHANNEL_POOL = ("grpc.use_local_subchannel_pool", 1)
+CONNECTION_INDEX_OPTION = "inferd.connection"
+
 _SCHEMES = ("dns", "ipv4", "ipv6", "unix", "unix-abstract", "vsock", "xds")
 _BALANCED_SCHEMES = ("dns", "ipv4", "ipv6")
 
 
 @dataclass(frozen=True)
 class ChannelPlan:
-    """What to pass to grpc's `insecure_channel` / `secure_channel`."""
+    """What to pass to grpc's `insecure_channel` / `secure_channel`, for each of
+    `connections` channels."""
 
     target: str
     credentials: grpc.ChannelCredentials | None
     options: list[tuple[str, Any]]
+    connections: int = 1
+
+    def channel_options(self) -> list[list[tuple[str, Any]]]:
+        """The options of each channel: one channel per connection to each server."""
+        return pooled_options(self.options, self.connections)
 
 
 def plan_channel(
@@ -65,9 +79,11 @@ def plan_channel(
     private_key: Pem | None = None,
     server_name_override: str | None = None,
     retries: int | bool = DEFAULT_RETRIES,
+    connections: int = 1,
 ) -> ChannelPlan:
-    """The channel for `target`, checked: ValueError on a target or TLS argument that cannot
-    work (named in the message)."""
+    """The channels for `target`, checked: ValueError on a target, TLS or connections argument
+    that cannot work (named in the message)."""
+    count = connection_count(connections)
     grpc_target, balanced = channel_target(target)
     extra: list[tuple[str, Any]] = []
     config = service_config(balanced, retry_count(retries))
@@ -86,7 +102,28 @@ def plan_channel(
             credentials, root_certificates, certificate_chain, private_key, server_name_override
         ),
         channel_options(max_message_bytes, merged),
+        count,
     )
+
+
+def connection_count(connections: int) -> int:
+    if isinstance(connections, bool) or not isinstance(connections, int) or connections < 1:
+        raise ValueError(f"connections: 1 or more, got {connections!r}")
+    return connections
+
+
+def pooled_options(
+    options: Sequence[tuple[str, Any]], connections: int
+) -> list[list[tuple[str, Any]]]:
+    """The options of each of `connections` channels to one target, so that each opens its
+    own connection to every server. One channel keeps `options` as they are, and shares its
+    connection with the process's other channels of the same options, as gRPC does."""
+    if connection_count(connections) == 1:
+        return [list(options)]
+    return [
+        [*options, LOCAL_SUBCHANNEL_POOL, (CONNECTION_INDEX_OPTION, index)]
+        for index in range(connections)
+    ]
 
 
 def channel_target(target: str | Sequence[str]) -> tuple[str, bool]:

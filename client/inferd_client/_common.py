@@ -5,7 +5,15 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
+
+from inferd_client._health import CHECK_METHOD, decode_health_response, encode_health_request
+from inferd_wire.proto.inferd.v1 import (
+    model_repository_pb2_grpc,
+    model_status_pb2_grpc,
+    predict_pb2_grpc,
+)
 
 DEFAULT_TARGET = "127.0.0.1:8001"
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -20,6 +28,44 @@ def channel_options(
     extra = list(options or ())
     given = {key for key, _ in extra}
     return [(key, max_message_bytes) for key in _SIZE_OPTIONS if key not in given] + extra
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelStubs:
+    """Every RPC the clients make, bound to one channel (a grpc or a grpc.aio one)."""
+
+    predict: Any
+    predict_stream: Any
+    get_model_status: Any
+    get_model_metadata: Any
+    list_models: Any
+    watch_model_status: Any
+    repository_index: Any
+    load: Any
+    unload: Any
+    health_check: Any
+
+    @classmethod
+    def of(cls, channel: Any) -> ChannelStubs:
+        predict = predict_pb2_grpc.PredictStub(channel)
+        status = model_status_pb2_grpc.ModelStatusStub(channel)
+        repository = model_repository_pb2_grpc.ModelRepositoryStub(channel)
+        return cls(
+            predict=predict.Predict,
+            predict_stream=predict.PredictStream,
+            get_model_status=status.GetModelStatus,
+            get_model_metadata=status.GetModelMetadata,
+            list_models=status.ListModels,
+            watch_model_status=status.WatchModelStatus,
+            repository_index=repository.Index,
+            load=repository.Load,
+            unload=repository.Unload,
+            health_check=channel.unary_unary(
+                CHECK_METHOD,
+                request_serializer=encode_health_request,
+                response_deserializer=decode_health_response,
+            ),
+        )
 
 
 class StreamBook:

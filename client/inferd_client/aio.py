@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self
@@ -16,8 +17,12 @@ import numpy as np
 
 from inferd_client import _convert
 from inferd_client._channel import DEFAULT_RETRIES, Pem, plan_channel
-from inferd_client._common import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TARGET, StreamBook
-from inferd_client._health import CHECK_METHOD, decode_health_response, encode_health_request
+from inferd_client._common import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_TARGET,
+    ChannelStubs,
+    StreamBook,
+)
 from inferd_client._tracing import trace_metadata
 from inferd_client.errors import error_from_rpc
 from inferd_client.types import (
@@ -28,12 +33,7 @@ from inferd_client.types import (
     StreamResult,
     VersionStatus,
 )
-from inferd_wire.proto.inferd.v1 import (
-    model_repository_pb2_grpc,
-    model_status_pb2_grpc,
-    predict_pb2,
-    predict_pb2_grpc,
-)
+from inferd_wire.proto.inferd.v1 import predict_pb2
 
 __all__ = ["AsyncInferClient"]
 
@@ -44,7 +44,7 @@ class AsyncInferClient:
     """An asyncio client for an inferd server; the same API as InferClient, awaited.
 
     Create it inside the event loop that uses it (e.g. `async with AsyncInferClient() as c`).
-    Servers, retries and TLS are set as for InferClient.
+    Servers, retries, connections and TLS are set as for InferClient.
     """
 
     def __init__(
@@ -60,6 +60,7 @@ class AsyncInferClient:
         private_key: Pem | None = None,
         server_name_override: str | None = None,
         retries: int | bool = DEFAULT_RETRIES,
+        connections: int = 1,
     ) -> None:
         plan = plan_channel(
             target,
@@ -71,24 +72,20 @@ class AsyncInferClient:
             private_key=private_key,
             server_name_override=server_name_override,
             retries=retries,
+            connections=connections,
         )
-        if plan.credentials is None:
-            self._channel = grpc.aio.insecure_channel(plan.target, options=plan.options)
-        else:
-            self._channel = grpc.aio.secure_channel(
-                plan.target, plan.credentials, options=plan.options
-            )
+        self._channels = tuple(
+            grpc.aio.insecure_channel(plan.target, options=options)
+            if plan.credentials is None
+            else grpc.aio.secure_channel(plan.target, plan.credentials, options=options)
+            for options in plan.channel_options()
+        )
         self.target = plan.target
-        self._predict = predict_pb2_grpc.PredictStub(self._channel)
-        self._status = model_status_pb2_grpc.ModelStatusStub(self._channel)
-        self._repository = model_repository_pb2_grpc.ModelRepositoryStub(self._channel)
+        self.connections = plan.connections
+        # Each call takes the next channel's stubs (see InferClient): one C call, no lock.
+        self._stubs = itertools.cycle([ChannelStubs.of(c) for c in self._channels]).__next__
         self._control_metadata = (
             (("authorization", f"Bearer {control_token}"),) if control_token else ()
-        )
-        self._health = self._channel.unary_unary(
-            CHECK_METHOD,
-            request_serializer=encode_health_request,
-            response_deserializer=decode_health_response,
         )
 
     async def __aenter__(self) -> Self:
@@ -103,8 +100,9 @@ class AsyncInferClient:
         await self.close()
 
     async def close(self) -> None:
-        """Close the channel; calls in flight are cancelled."""
-        await self._channel.close()
+        """Close every channel; calls in flight are cancelled."""
+        for channel in self._channels:
+            await channel.close()
 
     @staticmethod
     async def _call(method: Any, request: Any, timeout: float | None) -> Any:
@@ -129,7 +127,7 @@ class AsyncInferClient:
         request = _convert.predict_request(
             model, inputs, outputs, version, request_id, priority, timeout_us=0
         )
-        response = await self._call(self._predict.Predict, request, timeout)
+        response = await self._call(self._stubs().predict, request, timeout)
         return _convert.predict_outputs(response)
 
     def infer_stream(
@@ -149,7 +147,7 @@ class AsyncInferClient:
         metadata: Metadata,
     ) -> AsyncIterator[StreamResult]:
         book = StreamBook()
-        call = self._predict.PredictStream(_requests(requests, book), metadata=metadata)
+        call = self._stubs().predict_stream(_requests(requests, book), metadata=metadata)
         try:
             async for message in call:
                 if book.failure is not None:
@@ -170,7 +168,7 @@ class AsyncInferClient:
     ) -> list[VersionStatus]:
         """The state and counters of each version of `model` (or just `version`)."""
         request = _convert.status_request(model, version)
-        response = await self._call(self._status.GetModelStatus, request, timeout)
+        response = await self._call(self._stubs().get_model_status, request, timeout)
         return _convert.version_statuses(response)
 
     async def metadata(
@@ -178,12 +176,12 @@ class AsyncInferClient:
     ) -> ModelMetadata:
         """Inputs, outputs and serving settings of `version` (None: the newest READY one)."""
         request = _convert.metadata_request(model, version)
-        response = await self._call(self._status.GetModelMetadata, request, timeout)
+        response = await self._call(self._stubs().get_model_metadata, request, timeout)
         return _convert.model_metadata(response)
 
     async def list_models(self, *, timeout: float | None = None) -> dict[str, list[VersionStatus]]:
         """Model name -> the status of each of its versions, for every model the server knows."""
-        response = await self._call(self._status.ListModels, _convert.list_request(), timeout)
+        response = await self._call(self._stubs().list_models, _convert.list_request(), timeout)
         return _convert.model_list(response)
 
     def watch(self, model: str = "") -> AsyncIterator[ModelStatusEvent]:
@@ -191,7 +189,7 @@ class AsyncInferClient:
         return self._watch(model, trace_metadata())
 
     async def _watch(self, model: str, metadata: Metadata) -> AsyncIterator[ModelStatusEvent]:
-        call = self._status.WatchModelStatus(_convert.watch_request(model), metadata=metadata)
+        call = self._stubs().watch_model_status(_convert.watch_request(model), metadata=metadata)
         try:
             async for message in call:
                 yield _convert.status_event(message)
@@ -211,24 +209,28 @@ class AsyncInferClient:
 
     async def repository_index(self, *, timeout: float | None = None) -> list[RepositoryEntry]:
         """Every model version on disk or known to the server, with its state."""
-        response = await self._control(self._repository.Index, _convert.index_request(), timeout)
+        response = await self._control(
+            self._stubs().repository_index, _convert.index_request(), timeout
+        )
         return _convert.repository_index(response)
 
     async def load_model(self, model: str, *, timeout: float | None = None) -> list[VersionStatus]:
         """Load (or reload) `model` as the repository holds it; returns its versions' status."""
-        response = await self._control(self._repository.Load, _convert.load_request(model), timeout)
+        response = await self._control(self._stubs().load, _convert.load_request(model), timeout)
         return _convert.version_statuses(response)
 
     async def unload_model(self, model: str, *, timeout: float | None = None) -> None:
         """Stop serving every version of `model` once what they accepted is answered."""
-        await self._control(self._repository.Unload, _convert.unload_request(model), timeout)
+        await self._control(self._stubs().unload, _convert.unload_request(model), timeout)
 
     # --- Health ------------------------------------------------------------------------------
 
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """grpc.health.v1 status of `service` ("" = the server); see InferClient.health."""
         try:
-            status: str = await self._health(service, timeout=timeout, metadata=trace_metadata())
+            status: str = await self._stubs().health_check(
+                service, timeout=timeout, metadata=trace_metadata()
+            )
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 return "SERVICE_UNKNOWN"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -11,8 +12,12 @@ import numpy as np
 
 from inferd_client import _convert
 from inferd_client._channel import DEFAULT_RETRIES, Pem, plan_channel
-from inferd_client._common import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TARGET, StreamBook
-from inferd_client._health import CHECK_METHOD, decode_health_response, encode_health_request
+from inferd_client._common import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_TARGET,
+    ChannelStubs,
+    StreamBook,
+)
 from inferd_client._tracing import trace_metadata
 from inferd_client.errors import error_from_rpc
 from inferd_client.types import (
@@ -23,12 +28,7 @@ from inferd_client.types import (
     StreamResult,
     VersionStatus,
 )
-from inferd_wire.proto.inferd.v1 import (
-    model_repository_pb2_grpc,
-    model_status_pb2_grpc,
-    predict_pb2,
-    predict_pb2_grpc,
-)
+from inferd_wire.proto.inferd.v1 import predict_pb2
 
 __all__ = ["InferClient"]
 
@@ -38,7 +38,7 @@ Metadata = tuple[tuple[str, str], ...] | None
 
 
 class InferClient:
-    """A blocking client for an inferd server; thread-safe, one channel per client.
+    """A blocking client for an inferd server; thread-safe.
 
     Every failed RPC raises an InferError subclass chosen by its status code. Output arrays of
     fixed-size datatypes are read-only views of the received bytes (copy them to write).
@@ -49,6 +49,13 @@ class InferClient:
     SERVING. `retries` (default 2; 0 or False turns it off): a Predict or ModelStatus call
     answered UNAVAILABLE (a draining or unreachable server) is sent again, up to `retries`
     more times, after 0-50 ms then 0-100 ms...; with several servers, to the next one.
+
+    `connections` (default 1): HTTP/2 connections to each server, each on a gRPC channel of
+    its own; calls take the channels in turn (a stream or watch stays on the one it started
+    on). A server whose frontend runs as several processes on one port gives each connection
+    to one process, so one connection would load only one of them; the same holds for
+    replicas behind one address (a Kubernetes Service). With 1, the connection is shared with
+    the process's other clients of the same settings, as gRPC does.
 
     TLS: `root_certificates` (the CA of the server's certificate, PEM bytes or a file path),
     `certificate_chain` and `private_key` (this client's certificate, for mutual TLS),
@@ -70,6 +77,7 @@ class InferClient:
         private_key: Pem | None = None,
         server_name_override: str | None = None,
         retries: int | bool = DEFAULT_RETRIES,
+        connections: int = 1,
     ) -> None:
         plan = plan_channel(
             target,
@@ -81,22 +89,21 @@ class InferClient:
             private_key=private_key,
             server_name_override=server_name_override,
             retries=retries,
+            connections=connections,
         )
-        if plan.credentials is None:
-            self._channel = grpc.insecure_channel(plan.target, options=plan.options)
-        else:
-            self._channel = grpc.secure_channel(plan.target, plan.credentials, options=plan.options)
+        self._channels = tuple(
+            grpc.insecure_channel(plan.target, options=options)
+            if plan.credentials is None
+            else grpc.secure_channel(plan.target, plan.credentials, options=options)
+            for options in plan.channel_options()
+        )
         self.target = plan.target
-        self._predict = predict_pb2_grpc.PredictStub(self._channel)
-        self._status = model_status_pb2_grpc.ModelStatusStub(self._channel)
-        self._repository = model_repository_pb2_grpc.ModelRepositoryStub(self._channel)
+        self.connections = plan.connections
+        # Each call takes the next channel's stubs: one C call (about 40 ns, docs/tls.md),
+        # atomic under the GIL, so threads need no lock to share the client.
+        self._stubs = itertools.cycle([ChannelStubs.of(c) for c in self._channels]).__next__
         self._control_metadata = (
             (("authorization", f"Bearer {control_token}"),) if control_token else ()
-        )
-        self._health = self._channel.unary_unary(
-            CHECK_METHOD,
-            request_serializer=encode_health_request,
-            response_deserializer=decode_health_response,
         )
 
     def __enter__(self) -> Self:
@@ -111,8 +118,9 @@ class InferClient:
         self.close()
 
     def close(self) -> None:
-        """Close the channel; calls in flight are cancelled."""
-        self._channel.close()
+        """Close every channel; calls in flight are cancelled."""
+        for channel in self._channels:
+            channel.close()
 
     @staticmethod
     def _call(method: Callable[..., _T], request: Any, timeout: float | None) -> _T:
@@ -141,7 +149,7 @@ class InferClient:
         request = _convert.predict_request(
             model, inputs, outputs, version, request_id, priority, timeout_us=0
         )
-        response = self._call(self._predict.Predict, request, timeout)
+        response = self._call(self._stubs().predict, request, timeout)
         return _convert.predict_outputs(response)
 
     def infer_stream(self, requests: Iterable[StreamRequest]) -> Iterator[StreamResult]:
@@ -158,7 +166,7 @@ class InferClient:
         self, requests: Iterable[StreamRequest], metadata: Metadata
     ) -> Iterator[StreamResult]:
         book = StreamBook()
-        call = self._predict.PredictStream(_requests(requests, book), metadata=metadata)
+        call = self._stubs().predict_stream(_requests(requests, book), metadata=metadata)
         try:
             for message in call:
                 if book.failure is not None:
@@ -179,19 +187,23 @@ class InferClient:
     ) -> list[VersionStatus]:
         """The state and counters of each version of `model` (or just `version`)."""
         request = _convert.status_request(model, version)
-        return _convert.version_statuses(self._call(self._status.GetModelStatus, request, timeout))
+        return _convert.version_statuses(
+            self._call(self._stubs().get_model_status, request, timeout)
+        )
 
     def metadata(
         self, model: str, version: int | None = None, *, timeout: float | None = None
     ) -> ModelMetadata:
         """Inputs, outputs and serving settings of `version` (None: the newest READY one)."""
         request = _convert.metadata_request(model, version)
-        return _convert.model_metadata(self._call(self._status.GetModelMetadata, request, timeout))
+        return _convert.model_metadata(
+            self._call(self._stubs().get_model_metadata, request, timeout)
+        )
 
     def list_models(self, *, timeout: float | None = None) -> dict[str, list[VersionStatus]]:
         """Model name -> the status of each of its versions, for every model the server knows."""
         request = _convert.list_request()
-        return _convert.model_list(self._call(self._status.ListModels, request, timeout))
+        return _convert.model_list(self._call(self._stubs().list_models, request, timeout))
 
     def watch(self, model: str = "") -> Iterator[ModelStatusEvent]:
         """The current state of each version of `model` ("" = every model), then each change.
@@ -201,7 +213,7 @@ class InferClient:
         return self._watch(model, trace_metadata())
 
     def _watch(self, model: str, metadata: Metadata) -> Iterator[ModelStatusEvent]:
-        call = self._status.WatchModelStatus(_convert.watch_request(model), metadata=metadata)
+        call = self._stubs().watch_model_status(_convert.watch_request(model), metadata=metadata)
         try:
             for message in call:
                 yield _convert.status_event(message)
@@ -221,17 +233,17 @@ class InferClient:
 
     def repository_index(self, *, timeout: float | None = None) -> list[RepositoryEntry]:
         """Every model version on disk or known to the server, with its state."""
-        response = self._control(self._repository.Index, _convert.index_request(), timeout)
+        response = self._control(self._stubs().repository_index, _convert.index_request(), timeout)
         return _convert.repository_index(response)
 
     def load_model(self, model: str, *, timeout: float | None = None) -> list[VersionStatus]:
         """Load (or reload) `model` as the repository holds it; returns its versions' status."""
-        response = self._control(self._repository.Load, _convert.load_request(model), timeout)
+        response = self._control(self._stubs().load, _convert.load_request(model), timeout)
         return _convert.version_statuses(response)
 
     def unload_model(self, model: str, *, timeout: float | None = None) -> None:
         """Stop serving every version of `model` once what they accepted is answered."""
-        self._control(self._repository.Unload, _convert.unload_request(model), timeout)
+        self._control(self._stubs().unload, _convert.unload_request(model), timeout)
 
     # --- Health ------------------------------------------------------------------------------
 
@@ -241,7 +253,9 @@ class InferClient:
         A service the server does not know reads 'SERVICE_UNKNOWN'.
         """
         try:
-            status: str = self._health(service, timeout=timeout, metadata=trace_metadata())
+            status: str = self._stubs().health_check(
+                service, timeout=timeout, metadata=trace_metadata()
+            )
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 return "SERVICE_UNKNOWN"

@@ -1,19 +1,21 @@
-"""The gRPC channels of the network targets: plaintext, or TLS from the spec's `tls_*` keys.
+"""The gRPC channels of the network targets: plaintext, or TLS from the spec's `tls_*` keys; a
+worker opens `connections` of them, each on a connection of its own (as inferd_client does).
 
-No retries and no balancing (unlike inferd_client): a refused request is a measured failure,
-not something to hide behind a second attempt.
+No retries and no balancing over servers (unlike inferd_client): a refused request is a
+measured failure, not something to hide behind a second attempt.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
 import grpc.aio
 
 from inferd.loadtest.targets.target import TargetError, TargetSpec
-from inferd_client._channel import channel_credentials
+from inferd_client._channel import channel_credentials, pooled_options
 
 
 def _tls(spec: TargetSpec, options: Sequence[tuple[str, Any]]) -> tuple[Any, list[Any]]:
@@ -40,9 +42,27 @@ def blocking_channel(spec: TargetSpec, options: Sequence[tuple[str, Any]] = ()) 
     return grpc.secure_channel(spec.where, credentials, options=opts)
 
 
-def aio_channel(spec: TargetSpec, options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
-    """For a worker's senders, inside its event loop."""
-    if not spec.tls:
-        return grpc.aio.insecure_channel(spec.where, options=list(options))
-    credentials, opts = _tls(spec, options)
-    return grpc.aio.secure_channel(spec.where, credentials, options=opts)
+class SenderChannels:
+    """A worker's `spec.connections` channels to the target, made inside its event loop."""
+
+    def __init__(self, spec: TargetSpec, options: Sequence[tuple[str, Any]] = ()) -> None:
+        if spec.tls:
+            credentials, opts = _tls(spec, options)
+            self.channels = [
+                grpc.aio.secure_channel(spec.where, credentials, options=o)
+                for o in pooled_options(opts, spec.connections)
+            ]
+        else:
+            self.channels = [
+                grpc.aio.insecure_channel(spec.where, options=o)
+                for o in pooled_options(options, spec.connections)
+            ]
+
+    def in_turn(self, method: str) -> Callable[[], grpc.aio.UnaryUnaryMultiCallable]:
+        """`method` (bytes in, bytes out) on every channel: each call of the result gives the
+        next one. One C call per request, and no lock: a worker sends from one event loop."""
+        return itertools.cycle([c.unary_unary(method) for c in self.channels]).__next__
+
+    async def close(self) -> None:
+        for channel in self.channels:
+            await channel.close()

@@ -13,7 +13,7 @@ import grpc
 
 from inferd.loadtest.inputs import ModelSignature, Payload, TensorSpec
 from inferd.loadtest.server_stats import ServerCounters
-from inferd.loadtest.targets.channels import aio_channel, blocking_channel
+from inferd.loadtest.targets.channels import SenderChannels, blocking_channel
 from inferd.loadtest.targets.target import (
     RequestFailed,
     RequestSender,
@@ -131,16 +131,16 @@ class NativeSender(RequestSender):
     def __init__(self, spec: TargetSpec, payloads: Sequence[Payload], timeout_s: float) -> None:
         self._requests = [encode_predict_request(spec, p) for p in payloads]
         self._timeout_s = timeout_s
-        self._channel = aio_channel(spec)
+        self._channels = SenderChannels(spec)
         # No serialisers: the request goes out as the bytes prepared above, the response
         # stays bytes.
-        self._predict = self._channel.unary_unary(PREDICT_METHOD)
+        self._predict = self._channels.in_turn(PREDICT_METHOD)
 
     async def send(self, payload_index: int) -> None:
         try:
-            await self._predict(self._requests[payload_index], timeout=self._timeout_s)
+            await self._predict()(self._requests[payload_index], timeout=self._timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise RequestFailed(exc.code().name, exc.details() or "") from None
 
     async def close(self) -> None:
-        await self._channel.close()
+        await self._channels.close()

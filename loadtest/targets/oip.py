@@ -17,7 +17,7 @@ import grpc
 
 from inferd.loadtest.inputs import ModelSignature, Payload, TensorSpec
 from inferd.loadtest.server_stats import ServerCounters
-from inferd.loadtest.targets.channels import aio_channel, blocking_channel
+from inferd.loadtest.targets.channels import SenderChannels, blocking_channel
 from inferd.loadtest.targets.target import (
     RequestFailed,
     RequestSender,
@@ -140,18 +140,18 @@ class OipSender(RequestSender):
     def __init__(self, spec: TargetSpec, payloads: Sequence[Payload], timeout_s: float) -> None:
         self._requests = [encode_infer_request(spec, p) for p in payloads]
         self._timeout_s = timeout_s
-        self._channel = aio_channel(
+        self._channels = SenderChannels(
             spec,
             # Unlimited, as tritonclient sets it: large raw outputs must not fail the run.
             options=[("grpc.max_receive_message_length", -1)],
         )
-        self._infer = self._channel.unary_unary(INFER_METHOD)
+        self._infer = self._channels.in_turn(INFER_METHOD)
 
     async def send(self, payload_index: int) -> None:
         try:
-            await self._infer(self._requests[payload_index], timeout=self._timeout_s)
+            await self._infer()(self._requests[payload_index], timeout=self._timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise RequestFailed(exc.code().name, exc.details() or "") from None
 
     async def close(self) -> None:
-        await self._channel.close()
+        await self._channels.close()

@@ -18,6 +18,13 @@ addresses: this harness never loads a machine it does not run on. A TLS server t
 name its certificate is checked against, e.g. `localhost` when it names no IP address):
 
     native:127.0.0.1:8001,model=mlp,tls_ca=ca.pem,tls_server_name=inferd.internal
+
+`connections` (network targets; default 1): HTTP/2 connections each worker opens to the
+server, its requests taking them in turn. A server whose frontend runs as several processes on
+one port (SO_REUSEPORT) is balanced by the kernel per connection, so each process of the
+harness loads at most as many of them as it has connections:
+
+    native:127.0.0.1:8001,model=mlp,connections=4
 """
 
 from __future__ import annotations
@@ -64,6 +71,8 @@ class TargetSpec:
     tls_cert: str = ""
     tls_key: str = ""
     tls_server_name: str = ""
+    # HTTP/2 connections per worker process (network targets).
+    connections: int = 1
 
     @property
     def tls(self) -> bool:
@@ -89,11 +98,13 @@ OPTION_KEYS = (
     "tls_cert",
     "tls_key",
     "tls_server_name",
+    "connections",
 )
 
 
-def parse_target(text: str, default_model: str = "") -> TargetSpec:
-    """`KIND:WHERE[,key=value...]` -> TargetSpec (see the module docstring)."""
+def parse_target(text: str, default_model: str = "", default_connections: int = 1) -> TargetSpec:
+    """`KIND:WHERE[,key=value...]` -> TargetSpec (see the module docstring); `default_model`
+    and `default_connections` (network targets) apply where the text sets no key of its own."""
     head, *options = text.split(",")
     kind, sep, where = head.partition(":")
     if not sep or kind not in KINDS or not where:
@@ -107,6 +118,8 @@ def parse_target(text: str, default_model: str = "") -> TargetSpec:
                 + ", ".join(f"{k}=" for k in OPTION_KEYS)
             )
         fields[key] = value
+    if kind == "inprocess" and "connections" in fields:
+        raise TargetError(f"target {text!r}: connections is for network targets")
     try:
         spec = TargetSpec(
             kind=kind,
@@ -121,11 +134,16 @@ def parse_target(text: str, default_model: str = "") -> TargetSpec:
             tls_cert=fields.get("tls_cert", ""),
             tls_key=fields.get("tls_key", ""),
             tls_server_name=fields.get("tls_server_name", ""),
+            connections=(
+                1 if kind == "inprocess" else int(fields.get("connections", default_connections))
+            ),
         )
     except ValueError as exc:
         raise TargetError(f"target {text!r}: {exc}") from None
     if spec.tls and spec.kind == "inprocess":
         raise TargetError(f"target {text!r}: tls_* options are for network targets")
+    if spec.connections < 1:
+        raise TargetError(f"target {text!r}: connections must be 1 or more")
     if bool(spec.tls_cert) != bool(spec.tls_key):
         raise TargetError(f"target {text!r}: tls_cert and tls_key go together")
     if spec.kind != "inprocess":

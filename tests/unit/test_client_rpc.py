@@ -8,6 +8,7 @@ import contextlib
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -236,9 +237,6 @@ def server() -> Iterator[Server]:
         grpc_server.stop(None)
 
 
-CONNECTIONS = pytest.mark.parametrize("connections", [1, 3], ids=lambda n: f"connections={n}")
-
-
 @pytest.fixture(params=[1, 3], ids=lambda n: f"connections={n}")
 def client(server: Server, request: pytest.FixtureRequest) -> Iterator[InferClient]:
     with InferClient(server.target, connections=request.param) as c:
@@ -246,7 +244,9 @@ def client(server: Server, request: pytest.FixtureRequest) -> Iterator[InferClie
 
 
 @pytest.fixture(params=[1, 3], ids=lambda n: f"connections={n}")
-async def aclient(server: Server, request: pytest.FixtureRequest) -> AsyncIterator[AsyncInferClient]:
+async def aclient(
+    server: Server, request: pytest.FixtureRequest
+) -> AsyncIterator[AsyncInferClient]:
     async with AsyncInferClient(server.target, connections=request.param) as c:
         yield c
 
@@ -676,3 +676,69 @@ async def test_async_traceparent(aclient: AsyncInferClient, server: Server) -> N
         await aclient.infer("m", {})
     (seen,) = server.fake.metadata
     assert f"{span.get_span_context().trace_id:032x}" in seen["traceparent"]
+
+
+# --- several connections ---------------------------------------------------------------------
+
+X = {"x": np.zeros(3, np.float32)}
+
+
+def test_calls_take_the_connections_in_turn(server: Server) -> None:
+    with InferClient(server.target, connections=3) as client:
+        start = len(server.fake.peers)
+        for _ in range(6):
+            client.infer("m", X)
+        peers = server.fake.peers[start:]
+    assert len(set(peers)) == 3
+    assert peers[3:] == peers[:3]
+
+
+def test_calls_from_many_threads_are_spread_evenly(server: Server) -> None:
+    threads, calls = 8, 30
+    with InferClient(server.target, connections=3) as client:
+        start = len(server.fake.peers)
+        with futures.ThreadPoolExecutor(threads) as pool:
+            outs = list(
+                pool.map(lambda i: client.infer("m", {"i": np.array([i])}), range(threads * calls))
+            )
+        peers = server.fake.peers[start:]
+    assert [int(o["i"][0]) for o in outs] == list(range(threads * calls))
+    # Each call takes the next connection, whichever thread makes it.
+    assert sorted(Counter(peers).values()) == [threads * calls // 3] * 3
+
+
+def test_close_closes_every_connection(server: Server) -> None:
+    client = InferClient(server.target, connections=3)
+    for _ in range(3):
+        client.infer("m", X)
+    client.close()
+    for _ in range(3):
+        with pytest.raises(ValueError, match="closed channel"):
+            client.infer("m", X)
+
+
+async def test_async_calls_take_the_connections_in_turn(server: Server) -> None:
+    async with AsyncInferClient(server.target, connections=3) as client:
+        start = len(server.fake.peers)
+        outs = await asyncio.gather(*(client.infer("m", {"i": np.array([i])}) for i in range(30)))
+        peers = server.fake.peers[start:]
+    assert [int(o["i"][0]) for o in outs] == list(range(30))
+    assert sorted(Counter(peers).values()) == [10, 10, 10]
+
+
+async def test_async_close_closes_every_connection(server: Server) -> None:
+    client = AsyncInferClient(server.target, connections=3)
+    for _ in range(3):
+        await client.infer("m", X)
+    await client.close()
+    for _ in range(3):
+        with pytest.raises(grpc.aio.UsageError, match="closed"):
+            await client.infer("m", X)
+
+
+@pytest.mark.parametrize("connections", [0, -2])
+def test_connections_must_be_one_or_more(connections: int) -> None:
+    with pytest.raises(ValueError, match="connections"):
+        InferClient("127.0.0.1:1", connections=connections)
+    with pytest.raises(ValueError, match="connections"):
+        AsyncInferClient("127.0.0.1:1", connections=connections)

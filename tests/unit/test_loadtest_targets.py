@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from inferd.loadtest.cli import _targets as cli_targets
+from inferd.loadtest.cli import build_parser
 from inferd.loadtest.inputs import (
     InputError,
     ModelSignature,
@@ -16,6 +18,7 @@ from inferd.loadtest.inputs import (
     parse_shapes,
     rows_of,
 )
+from inferd.loadtest.targets.channels import SenderChannels
 from inferd.loadtest.targets.target import TargetError, parse_target, require_loopback
 
 MLP = ModelSignature("mlp", (TensorSpec("input", "FP32", (-1, 64)),), batched=True)
@@ -58,6 +61,53 @@ def test_tls_keys_of_a_target() -> None:
 def test_incomplete_or_misplaced_tls_keys_are_refused(text: str) -> None:
     with pytest.raises(TargetError, match="tls"):
         parse_target(text, "mlp")
+
+
+def test_connections_of_a_target() -> None:
+    assert parse_target("native:127.0.0.1:8001", "mlp").connections == 1
+    assert parse_target("oip:127.0.0.1:8001,connections=4", "mlp").connections == 4
+    # The flag's value applies where the spec sets none; an in-process target has none.
+    assert parse_target("native:127.0.0.1:8001", "mlp", default_connections=3).connections == 3
+    assert (
+        parse_target("native:127.0.0.1:1,connections=2", "m", default_connections=3).connections
+        == 2
+    )
+    assert parse_target("inprocess:models", "mlp", default_connections=3).connections == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("native:127.0.0.1:1,connections=0", "1 or more"),
+        ("native:127.0.0.1:1,connections=many", "connections=many"),
+        ("inprocess:models,connections=2", "network targets"),
+    ],
+)
+def test_bad_connections_are_refused(text: str, message: str) -> None:
+    with pytest.raises(TargetError, match=message):
+        parse_target(text, "mlp")
+
+
+def test_the_connections_flag_reaches_every_network_target() -> None:
+    args = build_parser().parse_args(
+        ["--model", "mlp", "--connections", "4", "--compare", "native:127.0.0.1:1",
+         "oip:127.0.0.1:1,connections=2", "inprocess:models"]
+    )  # fmt: skip
+    assert [spec.connections for spec in cli_targets(args)] == [4, 2, 1]
+    with pytest.raises(TargetError, match="--connections"):
+        cli_targets(build_parser().parse_args(["--model", "mlp", "--connections", "0"]))
+
+
+async def test_a_sender_takes_a_channel_per_connection_in_turn() -> None:
+    spec = parse_target("native:127.0.0.1:1,connections=3", "mlp")
+    channels = SenderChannels(spec)
+    try:
+        assert len(channels.channels) == 3
+        turns = channels.in_turn("/inferd.v1.Predict/Predict")
+        picked = [turns() for _ in range(6)]
+        assert len({id(m) for m in picked}) == 3 and picked[3:] == picked[:3]
+    finally:
+        await channels.close()
 
 
 @pytest.mark.parametrize(
