@@ -35,6 +35,7 @@ CLIENT_HEADING = "## Client cost"
 # Measured by hand with the commands it names (the request path's stages and A/B runs).
 PATH_HEADING = "## Per-request path"
 OVERLOAD_HEADING = "## Overload"
+IPC_HEADING = "## Between processes"
 GPU_HEADING = "## GPU"
 # A section not in the document goes before the first of these (after the scenarios).
 BEFORE = (CLIENT_HEADING, REPRODUCE_HEADING)
@@ -140,8 +141,9 @@ def write_document(
     # The client's section comes from its own benchmark, not from this suite: keep it.
     client = find_section(split_sections(previous), CLIENT_HEADING)
     kept_by_hand = [client.rstrip("\n")] if client else []
-    for heading in (PATH_HEADING, OVERLOAD_HEADING):
-        # Written from their own tools' runs (scripts/request_stages.py, bench.overload).
+    for heading in (PATH_HEADING, OVERLOAD_HEADING, IPC_HEADING):
+        # Written from their own tools' runs (scripts/request_stages.py, bench.overload,
+        # scripts/measure_ipc.py).
         kept = find_section(split_sections(previous), heading)
         kept_by_hand += [kept.rstrip("\n")] if kept else []
     text = "\n\n".join(
