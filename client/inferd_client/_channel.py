@@ -143,6 +143,8 @@ def channel_target(target: str | Sequence[str]) -> tuple[str, bool]:
     addresses = [a.strip() for a in target]
     if not addresses:
         raise ValueError("target: no address given")
+    if len(addresses) == 1:
+        return channel_target(addresses[0])  # one server, whatever its spelling
     families = {_ip_family(a) for a in addresses}
     if len(families) > 1:
         raise ValueError(
@@ -171,6 +173,8 @@ def _ip_family(address: str) -> str:
 
 
 def retry_count(retries: int | bool) -> int:
+    if isinstance(retries, bool):
+        retries = DEFAULT_RETRIES if retries else 0  # True: the default, not one retry
     count = int(retries)
     if not 0 <= count <= MAX_RETRIES:
         raise ValueError(f"retries: 0 (off) to {MAX_RETRIES}, got {retries!r}")

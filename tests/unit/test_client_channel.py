@@ -11,11 +11,13 @@ import pytest
 
 from inferd_client._channel import (
     CONNECTION_INDEX_OPTION,
+    DEFAULT_RETRIES,
     LOCAL_SUBCHANNEL_POOL,
     RETRY_BUFFER_BYTES,
     channel_target,
     plan_channel,
     read_pem,
+    retry_count,
     service_config,
 )
 
@@ -163,3 +165,11 @@ def test_each_pooled_channel_has_the_same_settings_and_a_connection_of_its_own(
 def test_connections_other_than_a_positive_count_are_refused(connections: object) -> None:
     with pytest.raises(ValueError, match="connections: 1 or more"):
         plan_channel("127.0.0.1:1", max_message_bytes=1024, connections=connections)  # type: ignore[arg-type]
+
+
+def test_a_list_of_one_address_is_one_server() -> None:
+    assert channel_target(["localhost:8001"]) == ("localhost:8001", False)
+
+
+def test_retries_true_means_the_default_policy() -> None:
+    assert retry_count(True) == DEFAULT_RETRIES and retry_count(False) == 0
