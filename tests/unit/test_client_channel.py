@@ -46,7 +46,7 @@ def test_targets(target: str | list[str], expected: tuple[str, bool]) -> None:
     [
         (["localhost:1", "localhost:2"], "dns:///"),
         (["127.0.0.1:1", "[::1]:2"], "cannot be mixed"),
-        (["127.0.0.1"], "IP:PORT"),
+        (["127.0.0.1", "127.0.0.2"], "IP:PORT"),
         ([], "no address"),
     ],
 )
