@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
+from pydantic_core import PydanticUseDefault
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -41,6 +42,17 @@ class ServerConfig(BaseSettings):
 
     port: Annotated[int, Field(ge=0, le=65535)] = 8001
     """gRPC port (Triton's default, so its tooling finds us); 0 picks a free port."""
+
+    @field_validator("port", mode="before")
+    @classmethod
+    def _not_a_service_link(cls, value: Any) -> Any:
+        """Kubernetes sets `INFERD_PORT=tcp://IP:PORT` in every pod of a namespace that has a
+        Service named `inferd` (its "service links"): that is the Service's address, not a
+        setting of ours, and would stop the server from starting. Such a value leaves the
+        default in place."""
+        if isinstance(value, str) and value.startswith(("tcp://", "udp://")):
+            raise PydanticUseDefault()
+        return value
 
     metrics_port: Annotated[int, Field(ge=-1, le=65535)] = 8002
     """Prometheus /metrics port; -1 turns the endpoint off, 0 picks a free port."""

@@ -812,3 +812,16 @@ def test_compose_grafana_provisions_prometheus_and_the_dashboard() -> None:
     folder = provider["options"]["path"].rstrip("/")
     dashboards = [host for target, host in mounts.items() if target.startswith(folder + "/")]
     assert dashboards == [DASHBOARD], f"{folder} holds {dashboards}, not {DASHBOARD}"
+
+
+def test_a_service_link_in_inferd_port_leaves_the_port_setting_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without `enableServiceLinks: false` (a pod of someone else's manifests), the kubelet's
+    INFERD_PORT=tcp://IP:PORT must not stop the server: the default port applies."""
+    service = {"metadata": {"name": "inferd"}, "spec": {"ports": [{"port": 8001}]}}
+    for name, value in service_links([service]).items():
+        monkeypatch.setenv(name, value)
+    assert ServerConfig.load().port == 8001
+    monkeypatch.setenv("INFERD_PORT", "9001")
+    assert ServerConfig.load().port == 9001
