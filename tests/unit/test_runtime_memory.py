@@ -16,7 +16,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from inferd.core.models.config import EffectiveConfig, ModelConfig, ModelDefaults
-from inferd.core.runtime.session import OnnxRuntimeSession, resolve_providers
+from inferd.core.runtime.session import ALLOW_SPINNING, OnnxRuntimeSession, resolve_providers
 from inferd.core.runtime.slots import ORT_LOG_SEVERITY, SHRINK_ARENAS, BindingSlot, PlainSlot
 
 CPU = resolve_providers(["cpu"], {})
@@ -120,5 +120,25 @@ def test_large_runs_memory_returns_to_the_system_unless_the_arena_keeps_it(
             assert held > intermediate // 2, f"{held / MIB:.0f} MiB held"
         else:
             assert held < 32 * MIB, f"{held / MIB:.0f} MiB still held of {intermediate / MIB:.0f}"
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize(("spinning", "entry"), [(True, None), (False, "0")])
+def test_intra_op_spinning_reaches_the_session(
+    widening: Path, spinning: bool, entry: str | None
+) -> None:
+    config = ModelConfig.model_validate({"max_batch_size": ROWS, "intra_op_spinning": spinning})
+    s = OnnxRuntimeSession(
+        widening, CPU, intra_op_threads=1, effective=EffectiveConfig.merge(config, ModelDefaults())
+    )
+    try:
+        (ort_session,) = s._sessions
+        options = ort_session.get_session_options()
+        if entry is None:  # ONNX Runtime's own default: spinning
+            with pytest.raises(RuntimeError):
+                options.get_session_config_entry(ALLOW_SPINNING)
+        else:
+            assert options.get_session_config_entry(ALLOW_SPINNING) == entry
     finally:
         s.close()

@@ -113,6 +113,14 @@ class ModelConfig(BaseModel):
     costs small batches ~10%, "keep" runs the same large request again 4x faster. Host memory
     only: device (CUDA) memory is the CUDA provider's (`provider_options.cuda`)."""
 
+    intra_op_spinning: bool | None = None
+    """Whether ONNX Runtime's intra-op threads spin (busy-wait) between runs instead of
+    sleeping. Spinning buys throughput when runs follow each other closely (closed loop on the
+    demo models, 2 cores: +10-18% mlp, +4-9% cnn) and costs the event loop the CPU it burns, which
+    shows under overload: cnn at 3x its peak refused requests with p99 63 ms without spinning
+    against 288-1,243 ms with it (docs/benchmarks.md, "Overload"). Turn it off where cores are
+    few and overload is expected."""
+
     request_memory_factor: Annotated[float, Field(ge=1.0)] | None = None
     """Memory a request is expected to hold while queued and executing, as a multiple of its
     input bytes (its activations and outputs included): what admission control charges it.
@@ -209,6 +217,7 @@ class ModelDefaults(BaseModel):
     cost to small batches (docs/operations.md)."""
     request_memory_factor: Annotated[float, Field(ge=1.0)] = 1.0
     max_request_bytes_in_flight: Annotated[int, Field(ge=0)] = 0
+    intra_op_spinning: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +241,7 @@ class EffectiveConfig:
     cpu_memory_arena: CpuMemoryArena
     request_memory_factor: float
     max_request_bytes_in_flight: int
+    intra_op_spinning: bool
 
     @classmethod
     def merge(cls, config: ModelConfig, defaults: ModelDefaults) -> EffectiveConfig:
@@ -258,6 +268,11 @@ class EffectiveConfig:
                 else config.intra_op_threads
             ),
             cpu_memory_arena=config.cpu_memory_arena or defaults.cpu_memory_arena,
+            intra_op_spinning=(
+                defaults.intra_op_spinning
+                if config.intra_op_spinning is None
+                else config.intra_op_spinning
+            ),
             request_memory_factor=(
                 defaults.request_memory_factor
                 if config.request_memory_factor is None

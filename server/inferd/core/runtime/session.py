@@ -130,16 +130,22 @@ def _log_gpu_unusable_once(skipped: tuple[str, ...]) -> None:
     log.info("no usable CUDA GPU; skipping %s, running on CPU", ", ".join(skipped))
 
 
+ALLOW_SPINNING = "session.intra_op.allow_spinning"
+
+
 def _load(
     path: Path,
     providers: Sequence[tuple[str, dict[str, Any]]],
     intra_op_threads: int,
     cpu_memory_arena: CpuMemoryArena = "keep",
+    spinning: bool = True,
 ) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads
     options.log_severity_level = ORT_LOG_SEVERITY
     options.enable_cpu_mem_arena = cpu_memory_arena != "off"
+    if not spinning:
+        options.add_session_config_entry(ALLOW_SPINNING, "0")
     return ort.InferenceSession(
         str(path),
         sess_options=options,
@@ -229,6 +235,7 @@ class OnnxRuntimeSession:
             effective = EffectiveConfig.merge(ModelConfig(), ModelDefaults())
         config = effective.config
         arena = effective.cpu_memory_arena
+        spinning = effective.intra_op_spinning
         requested = [
             (p, cuda_options(o, config.cuda_graphs) if p == CUDA else dict(o)) for p, o in providers
         ]
@@ -251,7 +258,7 @@ class OnnxRuntimeSession:
             ]
         gate: CudaUse = CAPTURE_GATE if wants_gpu else NoGate()
         with gate.use():
-            first = _load(path, requested, intra_op_threads, arena)
+            first = _load(path, requested, intra_op_threads, arena, spinning)
         self.providers: tuple[str, ...] = tuple(first.get_providers())
         graph_inputs, graph_outputs = _graph_tensors(first)
         self.inputs = graph_inputs
@@ -282,7 +289,8 @@ class OnnxRuntimeSession:
         if per_instance:
             with gate.use():
                 sessions += [
-                    _load(path, requested, intra_op_threads, arena) for _ in range(instances - 1)
+                    _load(path, requested, intra_op_threads, arena, spinning)
+                    for _ in range(instances - 1)
                 ]
         self._sessions = sessions
         # GraphSlots keep their own run options (runtime/cuda_graphs.py): they never shrink.
