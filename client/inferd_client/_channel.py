@@ -67,6 +67,18 @@ class ChannelPlan:
         """The options of each channel: one channel per connection to each server."""
         return pooled_options(self.options, self.connections)
 
+    def open(self, grpc_module: Any) -> tuple[Any, ...]:
+        """The channels, made by `grpc_module` (`grpc` or `grpc.aio`: the same two functions)."""
+        if self.credentials is None:
+            return tuple(
+                grpc_module.insecure_channel(self.target, options=options)
+                for options in self.channel_options()
+            )
+        return tuple(
+            grpc_module.secure_channel(self.target, self.credentials, options=options)
+            for options in self.channel_options()
+        )
+
 
 def plan_channel(
     target: str | Sequence[str],

@@ -74,12 +74,7 @@ class AsyncInferClient:
             retries=retries,
             connections=connections,
         )
-        self._channels = tuple(
-            grpc.aio.insecure_channel(plan.target, options=options)
-            if plan.credentials is None
-            else grpc.aio.secure_channel(plan.target, plan.credentials, options=options)
-            for options in plan.channel_options()
-        )
+        self._channels = plan.open(grpc.aio)
         self.target = plan.target
         self.connections = plan.connections
         # Each call takes the next channel's stubs (see InferClient): one C call, no lock.

@@ -91,12 +91,7 @@ class InferClient:
             retries=retries,
             connections=connections,
         )
-        self._channels = tuple(
-            grpc.insecure_channel(plan.target, options=options)
-            if plan.credentials is None
-            else grpc.secure_channel(plan.target, plan.credentials, options=options)
-            for options in plan.channel_options()
-        )
+        self._channels = plan.open(grpc)
         self.target = plan.target
         self.connections = plan.connections
         # Each call takes the next channel's stubs: one C call (about 40 ns, docs/tls.md),

@@ -15,10 +15,12 @@ import grpc
 import grpc.aio
 
 from inferd.loadtest.targets.target import TargetError, TargetSpec
-from inferd_client._channel import channel_credentials, pooled_options
+from inferd_client._channel import ChannelPlan, channel_credentials
 
 
-def _tls(spec: TargetSpec, options: Sequence[tuple[str, Any]]) -> tuple[Any, list[Any]]:
+def _plan(spec: TargetSpec, options: Sequence[tuple[str, Any]], connections: int) -> ChannelPlan:
+    """The target's channels: its own options (gRPC's message limits unless they say),
+    credentials from its `tls_*` keys."""
     try:
         credentials = channel_credentials(
             None,
@@ -31,32 +33,20 @@ def _tls(spec: TargetSpec, options: Sequence[tuple[str, Any]]) -> tuple[Any, lis
         raise TargetError(f"target {spec.name}: {exc}") from None
     if spec.tls_server_name:
         options = [*options, ("grpc.ssl_target_name_override", spec.tls_server_name)]
-    return credentials, list(options)
+    return ChannelPlan(spec.where, credentials, list(options), connections)
 
 
 def blocking_channel(spec: TargetSpec, options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
     """For the coordinator (metadata, counters)."""
-    if not spec.tls:
-        return grpc.insecure_channel(spec.where, options=list(options))
-    credentials, opts = _tls(spec, options)
-    return grpc.secure_channel(spec.where, credentials, options=opts)
+    (channel,) = _plan(spec, options, 1).open(grpc)
+    return channel
 
 
 class SenderChannels:
     """A worker's `spec.connections` channels to the target, made inside its event loop."""
 
     def __init__(self, spec: TargetSpec, options: Sequence[tuple[str, Any]] = ()) -> None:
-        if spec.tls:
-            credentials, opts = _tls(spec, options)
-            self.channels = [
-                grpc.aio.secure_channel(spec.where, credentials, options=o)
-                for o in pooled_options(opts, spec.connections)
-            ]
-        else:
-            self.channels = [
-                grpc.aio.insecure_channel(spec.where, options=o)
-                for o in pooled_options(options, spec.connections)
-            ]
+        self.channels = list(_plan(spec, options, spec.connections).open(grpc.aio))
 
     def in_turn(self, method: str) -> Callable[[], grpc.aio.UnaryUnaryMultiCallable]:
         """`method` (bytes in, bytes out) on every channel: each call of the result gives the
