@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -89,47 +88,32 @@ class Wire:
             server.add_registered_method_handlers(service, wrapped)
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        parse = handler.request_deserializer
-        serialize = handler.response_serializer
-        budget = self.budget if method in INFERENCE_METHODS else None
         protocol = PROTOCOLS.get(method[1:].rpartition(".")[0].partition("/")[0], "")
-        message_type = _message_name(parse)
-        refused = self._refused if protocol else _ignore
-
+        m = _Method(
+            handler.request_deserializer,
+            _message_name(handler.request_deserializer),
+            self.budget if method in INFERENCE_METHODS else None,
+            protocol,
+            self._observer if protocol else None,
+        )
+        serialize = handler.response_serializer
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                _unary(handler.unary_unary, parse, message_type, budget, protocol, refused),
-                response_serializer=serialize,
+                _unary(handler.unary_unary, m), response_serializer=serialize
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                _unary_stream(handler.unary_stream, parse, message_type, protocol, refused),
-                response_serializer=serialize,
+                _unary_stream(handler.unary_stream, m), response_serializer=serialize
             )
-        per_message = method in PER_MESSAGE_STREAMS
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
-                _stream(handler.stream_unary, parse, message_type, None, False, protocol, refused),
+                _stream(handler.stream_unary, m, per_message=False),
                 response_serializer=serialize,
             )
         return grpc.stream_stream_rpc_method_handler(
-            _stream(
-                handler.stream_stream, parse, message_type, budget, per_message, protocol, refused
-            ),
+            _stream(handler.stream_stream, m, per_message=method in PER_MESSAGE_STREAMS),
             response_serializer=serialize,
         )
-
-    def _refused(self, protocol: str, code: grpc.StatusCode, started: float) -> None:
-        self._observer.request_finished(
-            protocol, "", None, code.name, time.perf_counter() - started
-        )
-
-
-def _ignore(protocol: str, code: grpc.StatusCode, started: float) -> None:
-    return None
-
-
-Refused = Callable[[str, grpc.StatusCode, float], None]
 
 
 class _Capture:
@@ -160,28 +144,62 @@ def undecodable(message_type: str) -> str:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _Method:
+    """One method's request: how it parses, its budget (inference methods only), and where a
+    refusal is counted (the inference protocols' methods, as requests answered with model "")."""
+
+    parse: Callable[[bytes], Any]
+    message_type: str
+    budget: ByteBudget | None
+    protocol: str
+    observer: Observer | None
+
+    def refused(self, code: grpc.StatusCode) -> None:
+        if self.observer is not None:
+            self.observer.request_finished(self.protocol, "", None, code.name, 0.0)
+
+    def admit(self, size: int) -> tuple[grpc.StatusCode, str] | None:
+        """Charge `size` bytes to the budget; the refusal instead, when it is spent."""
+        if self.budget is not None:
+            try:
+                self.budget.acquire(size)
+            except QueueFull as exc:
+                self.refused(grpc.StatusCode.RESOURCE_EXHAUSTED)
+                return grpc.StatusCode.RESOURCE_EXHAUSTED, exc.message
+        return None
+
+    def release(self, size: int) -> None:
+        if self.budget is not None:
+            self.budget.release(size)
+
+    def parsed(self, raw: bytes) -> tuple[Any, tuple[grpc.StatusCode, str] | None]:
+        """(the message, None), or (None, the refusal) when it does not parse."""
+        try:
+            return self.parse(raw), None
+        except DecodeError:
+            self.refused(grpc.StatusCode.INVALID_ARGUMENT)
+            return None, (grpc.StatusCode.INVALID_ARGUMENT, undecodable(self.message_type))
+
+    async def parsed_or_abort(self, raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        message, refusal = self.parsed(raw)
+        if refusal is not None:
+            await context.abort(*refusal)
+        return message
+
+
 def _unary(
-    behavior: Callable[[Any, grpc.aio.ServicerContext], Any],
-    parse: Callable[[bytes], Any],
-    message_type: str,
-    budget: ByteBudget | None,
-    protocol: str,
-    refused: Refused,
+    behavior: Callable[[Any, grpc.aio.ServicerContext], Any], m: _Method
 ) -> Callable[[bytes, grpc.aio.ServicerContext], Any]:
     async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
         size = len(raw)
-        if budget is not None:
-            try:
-                budget.acquire(size)
-            except QueueFull as exc:
-                refused(protocol, grpc.StatusCode.RESOURCE_EXHAUSTED, time.perf_counter())
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, exc.message)
+        refusal = m.admit(size)
+        if refusal is not None:
+            await context.abort(*refusal)
         try:
-            try:
-                request = parse(raw)
-            except DecodeError:
-                refused(protocol, grpc.StatusCode.INVALID_ARGUMENT, time.perf_counter())
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, undecodable(message_type))
+            request, refusal = m.parsed(raw)  # not parsed_or_abort: no coroutine per request
+            if refusal is not None:
+                await context.abort(*refusal)
             del raw
             try:
                 return await behavior(request, context)
@@ -192,32 +210,20 @@ def _unary(
             # A generated method nobody implements: gRPC would log a traceback per call.
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "method not implemented")
         finally:
-            if budget is not None:
-                budget.release(size)
+            m.release(size)
 
     return handle
 
 
 def _unary_stream(
-    behavior: Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]],
-    parse: Callable[[bytes], Any],
-    message_type: str,
-    protocol: str,
-    refused: Refused,
+    behavior: Callable[[Any, grpc.aio.ServicerContext], Any], m: _Method
 ) -> Callable[[bytes, grpc.aio.ServicerContext], Any]:
-    async def parsed(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            return parse(raw)
-        except DecodeError:
-            refused(protocol, grpc.StatusCode.INVALID_ARGUMENT, time.perf_counter())
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, undecodable(message_type))
-
     if _is_async_generator(behavior):
 
         async def handle_stream(
             raw: bytes, context: grpc.aio.ServicerContext
         ) -> AsyncIterator[Any]:
-            request = await parsed(raw, context)
+            request = await m.parsed_or_abort(raw, context)
             async with contextlib.aclosing(behavior(request, context)) as responses:
                 async for response in responses:
                     yield response
@@ -225,54 +231,35 @@ def _unary_stream(
         return handle_stream
 
     async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
-        return await behavior(await parsed(raw, context), context)
+        return await behavior(await m.parsed_or_abort(raw, context), context)
 
     return handle
 
 
 def _stream(
-    behavior: Callable[[Any, grpc.aio.ServicerContext], Any],
-    parse: Callable[[bytes], Any],
-    message_type: str,
-    budget: ByteBudget | None,
-    per_message: bool,
-    protocol: str,
-    refused: Refused,
+    behavior: Callable[[Any, grpc.aio.ServicerContext], Any], m: _Method, per_message: bool
 ) -> Callable[[AsyncIterator[bytes], grpc.aio.ServicerContext], Any]:
     """A request stream's handler; `behavior` returns an async iterator (stream-stream) or a
-    coroutine (stream-unary)."""
+    coroutine (stream-unary). A per-message stream gets `Incoming` items, its refusals
+    answered in the stream; any other ends with the refusal's status."""
 
     async def messages(
         raws: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Any]:
         async for raw in raws:
-            try:
-                message = parse(raw)
-            except DecodeError:
-                refused(protocol, grpc.StatusCode.INVALID_ARGUMENT, time.perf_counter())
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, undecodable(message_type))
-            yield message
+            yield await m.parsed_or_abort(raw, context)
 
     async def incoming(raws: AsyncIterator[bytes]) -> AsyncIterator[Incoming[Any]]:
         async for raw in raws:
-            started = time.perf_counter()
             size = len(raw)
-            if budget is not None:
-                try:
-                    budget.acquire(size)
-                except QueueFull as exc:
-                    refused(protocol, grpc.StatusCode.RESOURCE_EXHAUSTED, started)
-                    yield Incoming(None, (grpc.StatusCode.RESOURCE_EXHAUSTED, exc.message))
+            refusal = m.admit(size)
+            if refusal is None:
+                message, refusal = m.parsed(raw)
+                if refusal is None:
+                    yield Incoming(message, None, size, m.budget)
                     continue
-            try:
-                message = parse(raw)
-            except DecodeError:
-                if budget is not None:
-                    budget.release(size)
-                refused(protocol, grpc.StatusCode.INVALID_ARGUMENT, started)
-                yield Incoming(None, (grpc.StatusCode.INVALID_ARGUMENT, undecodable(message_type)))
-                continue
-            yield Incoming(message, None, size, budget)
+                m.release(size)
+            yield Incoming(None, refusal)
 
     if _is_async_generator(behavior):
 
