@@ -30,6 +30,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from inferd.loadtest.bench.repository import build_bench_repository
 from inferd.loadtest.server_process import InferdProcess, start_inferd
@@ -99,19 +100,16 @@ def rss_mb(pid: int) -> float:
 
 
 def scrape(metrics_port: int) -> dict[str, float]:
-    """Every sample of /metrics, summed over labels except the ones kept in the key."""
+    """Every sample of /metrics, summed over its labels except `reason` (kept in the key as
+    `name:reason`)."""
     url = f"http://127.0.0.1:{metrics_port}/metrics"
     with urllib.request.urlopen(url, timeout=10) as response:
         text = response.read().decode()
     out: dict[str, float] = defaultdict(float)
-    for line in text.splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        series, _, value = line.rpartition(" ")
-        name, _, labels = series.partition("{")
-        reason = re.search(r'reason="([^"]*)"', labels)
-        key = f"{name}:{reason.group(1)}" if reason else name
-        out[key] += float(value)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            reason = sample.labels.get("reason")
+            out[f"{sample.name}:{reason}" if reason else sample.name] += sample.value
     return out
 
 
