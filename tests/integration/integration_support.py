@@ -8,6 +8,7 @@ log, up once grpc.health.v1 says SERVING. Here it runs on the CPU, in a director
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -180,3 +181,25 @@ SUMMARY_KEY = pytest.StashKey[list[str]]()
 def add_summary_line(config: pytest.Config, line: str) -> None:
     """A line for the end-of-run summary (shown even without -s)."""
     config.stash.setdefault(SUMMARY_KEY, []).append(line)
+
+
+# A line a server must never log: a traceback, a record at ERROR or above (JSON logs), or an
+# error from gRPC's C core (`E1201 09:12:40.670 ...`).
+LOG_PROBLEM = re.compile(r'Traceback|"level": "(ERROR|CRITICAL)"|^E\d{4} \d\d:\d\d:\d\d')
+
+
+class LogWatch:
+    """What a server logs from now on."""
+
+    def __init__(self, server: ServerProcess) -> None:
+        self.server = server
+        self.start = len(server.log_text())
+
+    def problems(self) -> list[str]:
+        text = self.server.log_text()[self.start :]
+        return [line for line in text.splitlines() if LOG_PROBLEM.search(line)]
+
+    def assert_clean(self) -> None:
+        problems = self.problems()
+        shown = "\n".join(line[:600] for line in problems[:8])
+        assert not problems, f"the server logged {len(problems)} problem lines:\n{shown}"

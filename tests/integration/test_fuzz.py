@@ -32,6 +32,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health_pb2
 from integration_support import (
+    LogWatch,
     ServerFactory,
     ServerProcess,
     add_summary_line,
@@ -538,23 +539,6 @@ def parses(request: type[Message], data: bytes) -> bool:
 # --- the server and what must hold after every test ----------------------------------------------
 
 
-# A line the server must never log: a traceback, a record at ERROR or above (JSON logs), or an
-# error from gRPC's C core (`E1201 09:12:40.670 ...`).
-LOG_PROBLEM = re.compile(r'Traceback|"level": "(ERROR|CRITICAL)"|^E\d{4} \d\d:\d\d:\d\d')
-
-
-class LogWatch:
-    """What the server logs from now on."""
-
-    def __init__(self, server: ServerProcess) -> None:
-        self.server = server
-        self.start = len(server.log_text())
-
-    def problems(self) -> list[str]:
-        text = self.server.log_text()[self.start :]
-        return [line for line in text.splitlines() if LOG_PROBLEM.search(line)]
-
-
 def assert_unharmed(server: ServerProcess, watch: LogWatch) -> None:
     """Still running, SERVING, and nothing logged at ERROR since `watch` began."""
     assert server.process.poll() is None, server.describe()
@@ -566,9 +550,7 @@ def assert_unharmed(server: ServerProcess, watch: LogWatch) -> None:
         )
         health = check(health_pb2.HealthCheckRequest(), timeout=CALL_TIMEOUT)
     assert health.status == health_pb2.HealthCheckResponse.SERVING
-    problems = watch.problems()
-    shown = "\n".join(line[:600] for line in problems[:8])
-    assert not problems, f"the server logged {len(problems)} problem lines:\n{shown}"
+    watch.assert_clean()
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2
 from integration_support import (
+    LogWatch,
     ServerFactory,
     ServerProcess,
     add_summary_line,
@@ -118,25 +119,6 @@ def wait_for_bytes_in_flight(server: ServerProcess, value: float, timeout: float
         time.sleep(0.05)
         held = bytes_in_flight(server)
     return held
-
-
-# A line the server must never log: a traceback, a record at ERROR or above (JSON logs), or an
-# error from gRPC's C core (`E1201 09:12:40.670 ...`).
-LOG_PROBLEM = re.compile(r'Traceback|"level": "(ERROR|CRITICAL)"|^E\d{4} \d\d:\d\d:\d\d')
-
-
-class LogWatch:
-    """What the server logs from now on."""
-
-    def __init__(self, server: ServerProcess) -> None:
-        self.server = server
-        self.start = len(server.log_text())
-
-    def assert_clean(self) -> None:
-        text = self.server.log_text()[self.start :]
-        problems = [line for line in text.splitlines() if LOG_PROBLEM.search(line)]
-        shown = "\n".join(line[:600] for line in problems[:8])
-        assert not problems, f"the server logged {len(problems)} problem lines:\n{shown}"
 
 
 def assert_serving(server: ServerProcess) -> None:
