@@ -61,6 +61,19 @@ def _finish(graph: onnx.GraphProto) -> onnx.ModelProto:
     return model
 
 
+def build_adder(c: float) -> onnx.ModelProto:
+    """y = x + c, FP32 [batch, 4] -> [batch, 4]: the smallest model whose outputs say which
+    file served them (tests of loading, reloading and repository scans)."""
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "c"], ["y"], name="add")],
+        "adder",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+        initializer=[numpy_helper.from_array(np.full(4, c, dtype=np.float32), "c")],
+    )
+    return _finish(graph)
+
+
 def build_mlp() -> onnx.ModelProto:
     """``input`` FP32 [batch, 64] -> Gemm+Relu, Gemm, Softmax -> ``probabilities`` [batch, 10]."""
     rng = np.random.default_rng(1001)

@@ -23,9 +23,8 @@ import grpc.aio
 import numpy as np
 import pytest
 from integration_support import ServerFactory, ServerProcess
-from onnx import TensorProto, helper, numpy_helper
 
-from inferd.demo_models import IR_VERSION, OPSET
+from inferd.demo_models import build_adder
 from inferd_wire.codec import to_wire
 from inferd_wire.proto.inferd.v1 import (
     model_repository_pb2,
@@ -52,22 +51,15 @@ POLL_ENV = {
     "INFERD_RETIRED_RETENTION_S": str(RETENTION_S),
 }
 STATE = {v: k.removeprefix("MODEL_STATE_") for k, v in model_status_pb2.ModelState.items()}
-GARBAGE = b"\x08\x07 this is not an ONNX model \xff\xfe" * 8
-# Version directory names a scan must skip (str.isdigit() takes the first; int64 not the second).
-ODD_VERSIONS = ("²", "99999999999999999999", "1.5")
 
 
 def adder_bytes(c: float) -> bytes:
-    graph = helper.make_graph(
-        [helper.make_node("Add", ["x", "c"], ["y"], name="add")],
-        "adder",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
-        initializer=[numpy_helper.from_array(np.full(4, c, dtype=np.float32), "c")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    model.ir_version = IR_VERSION
-    return model.SerializeToString()
+    return build_adder(c).SerializeToString()
+
+
+GARBAGE = b"\x08\x07 this is not an ONNX model \xff\xfe" * 8
+# Version directory names a scan must skip (str.isdigit() takes the first; int64 not the second).
+ODD_VERSIONS = ("²", "99999999999999999999", "1.5")
 
 
 def publish(model_dir: Path, version: str, content: bytes) -> Path:

@@ -32,7 +32,6 @@ from pathlib import Path
 import grpc
 import grpc.aio
 import numpy as np
-import onnx
 import pytest
 from integration_support import (
     PROJECT_ROOT,
@@ -41,10 +40,9 @@ from integration_support import (
     add_summary_line,
     server_env,
 )
-from onnx import TensorProto, helper, numpy_helper
 
 from inferd.core.models.control import READY_MARKER
-from inferd.demo_models import CNN_CONFIG, IR_VERSION, OPSET, build_cnn, write_model
+from inferd.demo_models import CNN_CONFIG, build_adder, build_cnn, write_model
 from inferd_client import AsyncInferClient, InferError
 from inferd_wire.codec import from_wire, to_wire
 from inferd_wire.proto.inferd.v1 import (
@@ -89,22 +87,8 @@ STATE = {v: k.removeprefix("MODEL_STATE_") for k, v in model_status_pb2.ModelSta
 # --- models and publishing -----------------------------------------------------------------------
 
 
-def adder(c: float) -> onnx.ModelProto:
-    """y = x + c, FP32 [batch, 4] -> [batch, 4]."""
-    graph = helper.make_graph(
-        [helper.make_node("Add", ["x", "c"], ["y"], name="add")],
-        "adder",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
-        initializer=[numpy_helper.from_array(np.full(4, c, dtype=np.float32), "c")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    model.ir_version = IR_VERSION
-    return model
-
-
 def adder_bytes(c: float) -> bytes:
-    return adder(c).SerializeToString(deterministic=True)
+    return build_adder(c).SerializeToString(deterministic=True)
 
 
 GARBAGE = b"\x08\x07 this is not an ONNX model \xff\xfe" * 8
@@ -365,7 +349,7 @@ def poll_server(
         ("watched", 1),
         ("watched_order", 1),
     ):
-        write_model(adder(float(version)), repository, name, version)
+        write_model(build_adder(float(version)), repository, name, version)
     return module_server_factory(repository, env=POLL_ENV)
 
 
@@ -377,7 +361,7 @@ def explicit_server(
     for a batch of 8 to fill."""
     repository = tmp_path_factory.mktemp("explicit_repository")
     write_model(
-        adder(7.0),
+        build_adder(7.0),
         repository,
         "queued",
         1,

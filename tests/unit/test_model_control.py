@@ -34,7 +34,7 @@ from inferd.core.models.control import (
 from inferd.core.models.registry import ModelRegistry, ModelSession, onnxruntime_session
 from inferd.core.models.repository import ModelRepository
 from inferd.core.types import InferRequest, ModelState
-from inferd.demo_models import IR_VERSION, OPSET, write_model
+from inferd.demo_models import IR_VERSION, OPSET, build_adder, write_model
 
 # Real threads run here (ORT sessions, file I/O): bound every wait in real seconds.
 WAIT = 30.0
@@ -43,20 +43,6 @@ CPU = ModelDefaults(execution_providers=("cpu",))
 
 
 # --- models -----------------------------------------------------------------------------------
-
-
-def adder(c: float) -> onnx.ModelProto:
-    """y = x + c, FP32 [batch, 4] -> [batch, 4]."""
-    graph = helper.make_graph(
-        [helper.make_node("Add", ["x", "c"], ["y"], name="add")],
-        "adder",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
-        initializer=[numpy_helper.from_array(np.full(4, c, dtype=np.float32), "c")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    model.ir_version = IR_VERSION
-    return model
 
 
 def rejected_graph() -> onnx.ModelProto:
@@ -75,7 +61,7 @@ def rejected_graph() -> onnx.ModelProto:
 
 def publish(root: Path, version: int, c: float, config: str | None = None) -> Path:
     """`<root>/adder/<version>/model.onnx` computing x + c; returns the version directory."""
-    return write_model(adder(c), root, MODEL, version, config).parent
+    return write_model(build_adder(c), root, MODEL, version, config).parent
 
 
 def publish_garbage(root: Path, version: int) -> Path:
@@ -284,7 +270,7 @@ async def test_poll_loads_a_new_version_only_when_the_next_scan_agrees(
     # Files that change between the two scans are not complete: each change restarts the wait.
     v3 = publish(tmp_path, 3, 3.0) / "model.onnx"
     await scan(controller)
-    write_model(adder(33.0), tmp_path, MODEL, 3)
+    write_model(build_adder(33.0), tmp_path, MODEL, 3)
     bump_mtime(v3)
     await scan(controller)
     assert controller.registry.get(MODEL, 3) is None, "changed since the last scan"
@@ -351,7 +337,7 @@ async def test_failed_version_is_retried_only_after_its_files_change(
     assert controller.registry.get(MODEL, 1) is failed, "same files: not retried"
     assert recorder.opened_count(v1) == 1
 
-    write_model(adder(1.0), tmp_path, MODEL, 1)
+    write_model(build_adder(1.0), tmp_path, MODEL, 1)
     bump_mtime(v1)
     await scan(controller)
     assert controller.registry.get(MODEL, 1) is failed, "changed files must settle first"
@@ -379,7 +365,7 @@ async def test_failed_reload_of_a_ready_version_keeps_the_old_files_serving(
     await scan(controller, 2)
     assert recorder.opened_count(v1) == opened, "the failed files are not retried"
 
-    write_model(adder(10.0), tmp_path, MODEL, 1)
+    write_model(build_adder(10.0), tmp_path, MODEL, 1)
     bump_mtime(v1)
     await scan(controller, 2)
     reloaded = controller.registry.get(MODEL, 1)
@@ -445,7 +431,7 @@ async def test_index_lists_versions_on_disk_but_not_loaded_as_unknown(
 ) -> None:
     publish(tmp_path, 1, 1.0)
     publish(tmp_path, 2, 2.0)
-    write_model(adder(5.0), tmp_path, "other", 1)
+    write_model(build_adder(5.0), tmp_path, "other", 1)
     (tmp_path / "other" / "2").mkdir()
     (tmp_path / "other" / "2" / "model.onnx").write_bytes(b"garbage")
     controller = await make_controller()

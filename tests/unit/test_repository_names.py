@@ -14,9 +14,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from inferd.core.errors import FailedPrecondition, InvalidInput
 from inferd.core.models.config import ModelConfig, ModelDefaults
@@ -25,31 +23,17 @@ from inferd.core.models.registry import ModelRegistry
 from inferd.core.models.repository import MAX_VERSION, ModelRepository, printable
 from inferd.core.observer import Observer, RepositoryProblem
 from inferd.core.types import InferRequest, ModelState
-from inferd.demo_models import IR_VERSION, OPSET, write_model
+from inferd.demo_models import build_adder, write_model
 
 WAIT = 30.0
 CPU = ModelDefaults(execution_providers=("cpu",))
-
-
-def adder(c: float) -> onnx.ModelProto:
-    """y = x + c, FP32 [batch, 4] -> [batch, 4]."""
-    graph = helper.make_graph(
-        [helper.make_node("Add", ["x", "c"], ["y"], name="add")],
-        "adder",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
-        initializer=[numpy_helper.from_array(np.full(4, c, dtype=np.float32), "c")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    model.ir_version = IR_VERSION
-    return model
 
 
 def version_directory(root: Path, model: str, name: str, content: bytes | None = None) -> Path:
     """`<root>/<model>/<name>/model.onnx` (an adder unless `content` is given)."""
     directory = root / model / name
     directory.mkdir(parents=True, exist_ok=True)
-    data = content if content is not None else adder(1.0).SerializeToString()
+    data = content if content is not None else build_adder(1.0).SerializeToString()
     (directory / "model.onnx").write_bytes(data)
     return directory
 
@@ -159,7 +143,7 @@ def test_other_directory_names_are_skipped_with_a_problem(
 def test_files_are_not_versions_and_only_version_like_ones_are_problems(tmp_path: Path) -> None:
     version_directory(tmp_path, "m", "1")
     model = tmp_path / "m"
-    (model / "2").write_bytes(adder(2.0).SerializeToString())  # a file named like a version
+    (model / "2").write_bytes(build_adder(2.0).SerializeToString())  # a file named like a version
     for name in ("labels.txt", "README", "config.pbtxt.bak", "model.onnx"):
         (model / name).write_text("the model's own business\n")
     sources, problems = ModelRepository(tmp_path).scan()
@@ -259,8 +243,8 @@ def test_config_problems_name_the_file_relative_to_the_repository(tmp_path: Path
 async def test_start_with_odd_directories_loads_every_other_model(
     tmp_path: Path, controllers: list[ModelController], mode: ControlMode
 ) -> None:
-    write_model(adder(1.0), tmp_path, "a", 1)
-    write_model(adder(2.0), tmp_path, "b", 2)
+    write_model(build_adder(1.0), tmp_path, "a", 1)
+    write_model(build_adder(2.0), tmp_path, "b", 2)
     for name in ("²", "99999999999999999999", "\u0661"):
         version_directory(tmp_path, "a", name)
     version_directory(tmp_path, os.fsdecode(b"\xff"), "1")
@@ -281,8 +265,8 @@ async def test_start_with_odd_directories_loads_every_other_model(
 async def test_odd_directory_appearing_while_polling_is_reported_once(
     tmp_path: Path, controllers: list[ModelController], caplog: pytest.LogCaptureFixture
 ) -> None:
-    write_model(adder(1.0), tmp_path, "a", 1)
-    write_model(adder(2.0), tmp_path, "b", 1)
+    write_model(build_adder(1.0), tmp_path, "a", 1)
+    write_model(build_adder(2.0), tmp_path, "b", 1)
     problems = ProblemLog()
     controller = await started(tmp_path, controllers, observer=problems)
     assert problems.reports == [], "a clean repository reports nothing"
@@ -303,7 +287,7 @@ async def test_odd_directory_appearing_while_polling_is_reported_once(
     }
 
     # Polling goes on for every model: a new version of b still loads.
-    write_model(adder(3.0), tmp_path, "b", 3)
+    write_model(build_adder(3.0), tmp_path, "b", 3)
     for _ in range(2):
         async with asyncio.timeout(WAIT):
             await controller.reconcile()
@@ -320,8 +304,8 @@ async def test_odd_directory_appearing_while_polling_is_reported_once(
 async def test_one_models_reconcile_failing_leaves_the_others_polling(
     tmp_path: Path, controllers: list[ModelController], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    write_model(adder(1.0), tmp_path, "a", 1)
-    write_model(adder(1.0), tmp_path, "b", 1)
+    write_model(build_adder(1.0), tmp_path, "a", 1)
+    write_model(build_adder(1.0), tmp_path, "b", 1)
     controller = await started(tmp_path, controllers)
     from inferd.core.models import control
 
@@ -333,7 +317,7 @@ async def test_one_models_reconcile_failing_leaves_the_others_polling(
         return real_fingerprint(version_dir)
 
     monkeypatch.setattr(control, "fingerprint", fingerprint)
-    write_model(adder(2.0), tmp_path, "b", 2)
+    write_model(build_adder(2.0), tmp_path, "b", 2)
     for _ in range(2):
         async with asyncio.timeout(WAIT):
             await controller.reconcile()
@@ -344,7 +328,7 @@ async def test_one_models_reconcile_failing_leaves_the_others_polling(
 async def test_a_served_model_whose_config_breaks_keeps_serving(
     tmp_path: Path, controllers: list[ModelController]
 ) -> None:
-    write_model(adder(1.0), tmp_path, "a", 1)
+    write_model(build_adder(1.0), tmp_path, "a", 1)
     controller = await started(tmp_path, controllers)
     (tmp_path / "a" / "config.toml").write_text("max_batch_size = 'eight'\n")
     for _ in range(3):
@@ -361,7 +345,7 @@ async def test_explicit_load_of_a_model_with_a_broken_config_says_why_without_se
     tmp_path: Path, controllers: list[ModelController]
 ) -> None:
     controller = await started(tmp_path, controllers, ControlMode.EXPLICIT)
-    write_model(adder(1.0), tmp_path, "a", 1, config_toml="max_batch_size = [\n")
+    write_model(build_adder(1.0), tmp_path, "a", 1, config_toml="max_batch_size = [\n")
     with pytest.raises(FailedPrecondition) as refused:
         async with asyncio.timeout(WAIT):
             await controller.load("a")
@@ -373,7 +357,7 @@ async def test_failed_reasons_name_paths_relative_to_the_repository(
     tmp_path: Path, controllers: list[ModelController]
 ) -> None:
     version_directory(tmp_path, "garbage", "1", b"not an onnx model")
-    write_model(adder(1.0), tmp_path, "warm", 1)
+    write_model(build_adder(1.0), tmp_path, "warm", 1)
     (tmp_path / "warm" / "warmup").mkdir()
     np.savez(tmp_path / "warm" / "warmup" / "wrong.npz", image=np.zeros((1, 4), np.float32))
     controller = await started(tmp_path, controllers)
@@ -390,7 +374,7 @@ async def test_failed_reasons_name_paths_relative_to_the_repository(
 
 
 async def test_the_registry_never_holds_a_version_the_wire_cannot_carry(tmp_path: Path) -> None:
-    path = write_model(adder(1.0), tmp_path, "a", 1)
+    path = write_model(build_adder(1.0), tmp_path, "a", 1)
     registry = ModelRegistry(CPU)
     try:
         for number in (MAX_VERSION + 1, 2**63, -1):
