@@ -18,7 +18,9 @@ class ServiceTimeEstimate:
     `a * rows + b`, fitted by exponentially weighted least squares over the measured batches.
     Until the batches measured differ in size enough to fit a slope, every batch is predicted
     to take the average batch time: a fixed cost often dominates, and scaling it with the rows
-    would overestimate large batches many times over."""
+    would overestimate large batches many times over. (The runtime's `RunTimeEstimate`, which
+    decides what runs inline on the event loop, errs the other way on purpose: there an
+    underestimate is the costly mistake.)"""
 
     __slots__ = ("_cov", "_mean_rows", "_mean_seconds", "_var")
 
