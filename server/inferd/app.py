@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import _async as reflection_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from opentelemetry.sdk.trace import SpanProcessor
+from prometheus_client import CollectorRegistry
 
 from inferd.api import status
 from inferd.api.control_auth import ControlAuth
@@ -100,20 +101,28 @@ def reflection_pool() -> descriptor_pool.DescriptorPool:
 
 
 def channel_options(
-    max_message_bytes: int, connections: ConnectionConfig | None = None
+    max_message_bytes: int, connections: ConnectionConfig | None = None, reuse_port: bool = False
 ) -> list[tuple[str, Any]]:
     """The server's gRPC options: message limits, and keepalive and connection lifetimes
     (inferd/connections.py; gRPC's defaults when `connections` is None)."""
     return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
-        # A second server on a taken port must fail to start, not share its connections.
-        ("grpc.so_reuseport", 0),
+        # A second server on a taken port must fail to start, not share its connections; only
+        # the frontends of one server share theirs (`inferd serve --workers N`).
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
         *(connection_options(connections) if connections is not None else ()),
     ]
 
 
 class InferenceServer:
+    """One process that serves everything. `inferd serve --workers N` runs its two halves in
+    separate processes (`inferd/workers/`): an engine that keeps the models, and frontends that
+    speak gRPC; each is this class with the hooks below overridden."""
+
+    # The frontends of `--workers N` share the gRPC port.
+    reuse_port = False
+
     def __init__(
         self,
         config: ServerConfig,
@@ -135,20 +144,7 @@ class InferenceServer:
             observers.append(observer)
         self.observer: Observer = MultiObserver(observers)
         self.request_tracing = RequestTracing(self.tracer_provider)
-        self.registry = ModelRegistry(
-            config.models,
-            self.observer,
-            session_factory,
-            retired_retention_s=config.retired_retention_s,
-        )
-        self.controller = ModelController(
-            self.registry,
-            ModelRepository(config.model_repository),
-            ControlMode(config.model_control),
-            poll_interval_s=config.poll_interval_s,
-            require_ready_marker=config.require_ready_marker,
-            settle_s=config.settle_s,
-        )
+        self.registry, self.controller = self.backend(session_factory)
         token = config.control_token.get_secret_value() if config.control_token else None
         self.control_auth = ControlAuth(token)
         # Both protocols' frontends translate into this one object.
@@ -164,7 +160,7 @@ class InferenceServer:
             self.budget,
         )
         self.health = Health()
-        self.wire = Wire(self.budget, self.observer)
+        self.wire = Wire(self.budget, self.observer, self.route)
         self.metrics.registry.register(AdmissionCollector(self.budget))
         quiet_callers_gone(status.unanswered.inc)
         self.port = 0
@@ -173,6 +169,40 @@ class InferenceServer:
         self._metrics_http: Any = None
         self._stopped = asyncio.Event()
         self.certificates: ServerCertificates | None = None
+
+    # -- hooks of the worker processes ---------------------------------------------------------
+
+    def backend(self, session_factory: SessionFactory) -> tuple[Any, Any]:
+        """The registry requests are routed by, and the model controller."""
+        c = self.config
+        registry = ModelRegistry(
+            c.models, self.observer, session_factory, retired_retention_s=c.retired_retention_s
+        )
+        controller = ModelController(
+            registry,
+            ModelRepository(c.model_repository),
+            ControlMode(c.model_control),
+            poll_interval_s=c.poll_interval_s,
+            require_ready_marker=c.require_ready_marker,
+            settle_s=c.settle_s,
+        )
+        return registry, controller
+
+    def route(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler | None:
+        """Another handler for `method` than the servicer's (a frontend forwards most)."""
+        return None
+
+    def address(self) -> str:
+        return f"{self.config.host}:{self.config.port}"
+
+    def exposition(self) -> CollectorRegistry:
+        """What /metrics serves."""
+        return self.metrics.registry
+
+    async def announce_health(self) -> None:
+        """Listening: report SERVING."""
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     async def start(self) -> None:
         """Load the models, then listen. Health reports SERVING once everything listens."""
@@ -189,10 +219,10 @@ class InferenceServer:
             interceptors.append(server_interceptor(self.tracer_provider))
         server = grpc.aio.server(
             interceptors=interceptors,
-            options=channel_options(c.max_message_bytes, c.connections),
+            options=channel_options(c.max_message_bytes, c.connections, self.reuse_port),
         )
         self._add_services(server)
-        address = f"{c.host}:{c.port}"
+        address = self.address()
         if self.certificates is None:
             self.port = server.add_insecure_port(address)
         else:
@@ -201,10 +231,14 @@ class InferenceServer:
         self._grpc = server
         if c.metrics_port >= 0:
             self._metrics_http, self.metrics_port = self.metrics.serve(
-                c.metrics_host or c.host, c.metrics_port
+                c.metrics_host or c.host, c.metrics_port, self.exposition()
             )
-        for name in ("", *SERVICE_NAMES):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self.announce_health()
+        self.log_listening()
+
+    def log_listening(self) -> None:
+        """The line that says the server is up (tools wait for it: loadtest/server_process.py)."""
+        c = self.config
         log.info(
             "inferd serving %d model(s) on %s:%d (metrics on port %s)",
             len(self.registry.model_names()),

@@ -32,9 +32,14 @@ def _serve(args: argparse.Namespace) -> int:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
+        workers=args.workers,
     )
     configure_logging(config.log_level, config.log_format)
     try:
+        if config.workers > 1:
+            from inferd.workers.supervisor import supervise
+
+            return asyncio.run(supervise(config))
         asyncio.run(serve(config))
     except TlsConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -245,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     serve.add_argument(
         "--tls-client-ca", type=Path, help="PEM CA bundle: require client certificates (mTLS)"
+    )
+    serve.add_argument(
+        "--workers", type=int, help="frontend processes sharing the port (default 1: one process)"
     )
     serve.add_argument("--config", type=Path, help="TOML file with any ServerConfig field")
     serve.add_argument("--log-level")

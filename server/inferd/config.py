@@ -79,6 +79,17 @@ class ServerConfig(BaseSettings):
     """Requests of one PredictStream in flight at once; the stream reads no further until one
     is answered (back-pressure instead of unbounded memory)."""
 
+    workers: Annotated[int, Field(ge=1, le=256)] = 1
+    """gRPC frontend processes sharing the port (SO_REUSEPORT), feeding one engine process
+    that holds every model version's batcher and sessions, so callers on every frontend share
+    batches (docs/architecture.md, "Workers"). 1: one process does everything. Each frontend
+    is worth up to a core of parsing and encoding; the engine needs one too."""
+
+    ipc_shm_threshold_bytes: Annotated[int, Field(ge=1)] = 256 * 1024
+    """With `workers` > 1: a tensor at least this large crosses between a frontend and the
+    engine through shared memory (`/dev/shm`) rather than the socket; measured 3-6x cheaper from
+    a few hundred KB up (scripts/measure_ipc.py)."""
+
     grace_period_s: Annotated[float, Field(ge=0)] = 30.0
     """On SIGTERM/SIGINT: how long to finish accepted requests before exiting anyway."""
 

@@ -63,9 +63,17 @@ class Incoming(Generic[M]):
 class Wire:
     """Registers services on a gRPC server with the parsing and admission above."""
 
-    def __init__(self, budget: ByteBudget | None, observer: Observer) -> None:
+    def __init__(
+        self,
+        budget: ByteBudget | None,
+        observer: Observer,
+        route: Callable[[str, grpc.RpcMethodHandler], grpc.RpcMethodHandler | None] | None = None,
+    ) -> None:
+        """`route(method, handler)`: a handler to use instead of the servicer's, or None (a
+        frontend of `--workers N` forwards the RPCs it does not answer itself)."""
         self.budget = budget
         self._observer = observer
+        self._route = route
 
     def add(
         self,
@@ -79,13 +87,17 @@ class Wire:
         add_servicer(servicer, capture)
         for service, handlers in capture.services:
             wrapped = {
-                name: self._wrap(f"/{service}/{name}", handler)
+                name: self._handler(f"/{service}/{name}", handler)
                 for name, handler in handlers.items()
             }
             server.add_generic_rpc_handlers(
                 (grpc.method_handlers_generic_handler(service, wrapped),)
             )
             server.add_registered_method_handlers(service, wrapped)
+
+    def _handler(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        routed = self._route(method, handler) if self._route is not None else None
+        return routed if routed is not None else self._wrap(method, handler)
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         protocol = PROTOCOLS.get(method[1:].rpartition(".")[0].partition("/")[0], "")

@@ -107,26 +107,26 @@ class PrometheusObserver(Observer):
             (*mv, "reason"),
             registry=r,
         )
-        self.queue_depth = Gauge(
+        self.queue_depth = _gauge(
             "inferd_queue_depth", "Requests waiting in the batcher's queue", mv, registry=r
         )
-        self.queue_capacity = Gauge(
+        self.queue_capacity = _gauge(
             "inferd_queue_capacity", "The version's max_queue_size", mv, registry=r
         )
-        self.in_flight = Gauge("inferd_batches_in_flight", "Batches executing now", mv, registry=r)
-        self.model_state = Gauge(
+        self.in_flight = _gauge("inferd_batches_in_flight", "Batches executing now", mv, registry=r)
+        self.model_state = _gauge(
             "inferd_model_state",
             "1 for the version's current state, 0 for the others",
             (*mv, "state"),
             registry=r,
         )
-        self.load_duration = Gauge(
+        self.load_duration = _gauge(
             "inferd_model_load_duration_seconds",
             "How long the version's last load took",
             mv,
             registry=r,
         )
-        self.repository_problems = Gauge(
+        self.repository_problems = _gauge(
             "inferd_repository_problems",
             "1 for each thing the last repository scan skipped (see the server's log for why)",
             ("model", "path", "problem"),
@@ -262,10 +262,20 @@ class PrometheusObserver(Observer):
             self.repository_problems.labels(*labels).set(1)
         self._problems = current
 
-    def serve(self, host: str, port: int) -> tuple[Any, int]:
-        """Start the /metrics HTTP endpoint on its own thread; returns (server, bound port)."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+    def serve(
+        self, host: str, port: int, registry: CollectorRegistry | None = None
+    ) -> tuple[Any, int]:
+        """Start the /metrics HTTP endpoint on its own thread, serving `registry` (this
+        observer's own by default); returns (server, bound port)."""
+        server, _thread = start_http_server(port, addr=host, registry=registry or self.registry)
         return server, server.server_port
+
+
+def _gauge(*args: Any, **kwargs: Any) -> Gauge:
+    """Every gauge is set by the engine alone: under `--workers N` (prometheus-client's
+    multiprocess mode) /metrics shows the sum over live processes, i.e. the engine's value,
+    and a dead engine's values go with it."""
+    return Gauge(*args, multiprocess_mode="livesum", **kwargs)
 
 
 def _remove(family: Any, *labels: str) -> None:

@@ -166,3 +166,25 @@ class TracingObserver(Observer):
             batch.record_exception(report.error)
             batch.set_status(Status(StatusCode.ERROR, str(report.error)))
         batch.end(end_time=end)
+
+
+def portable_context(context: object) -> tuple[int, int, int] | None:
+    """A request's trace context as plain values that can cross to the engine process: the
+    (trace id, span id, flags) of a sampled span; None otherwise."""
+    if not isinstance(context, Span):
+        return None
+    span_context = context.get_span_context()
+    if not span_context.trace_flags.sampled:
+        return None
+    return span_context.trace_id, span_context.span_id, int(span_context.trace_flags)
+
+
+def remote_context(value: tuple[int, int, int] | None) -> Span | None:
+    """The engine's stand-in for a frontend's request span (`portable_context`): the batch's
+    spans are its children and link to it, as in one process."""
+    if value is None:
+        return None
+    trace_id, span_id, flags = value
+    return trace.NonRecordingSpan(
+        trace.SpanContext(trace_id, span_id, is_remote=True, trace_flags=trace.TraceFlags(flags))
+    )

@@ -1,0 +1,422 @@
+"""A frontend process of `inferd serve --workers N`: gRPC, parsing, validation, decoding and
+encoding, on the port it shares with the other frontends (SO_REUSEPORT: the kernel spreads
+connections over them).
+
+Inference requests are checked against the engine's routing table (pushed whenever a version
+changes state) and sent to the engine over `workers/ipc.py`; every other RPC (status, metadata,
+statistics, repository control) is forwarded unparsed to the engine's own gRPC socket, so that
+it is answered from the one registry. Health is SERVING only while the engine says that it and
+every frontend are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2
+
+from inferd.api.wire import INFERENCE_METHODS
+from inferd.app import SERVICE_NAMES, InferenceServer
+from inferd.core.errors import ModelNotFound, Unavailable
+from inferd.core.models.loading import SessionFactory
+from inferd.core.models.repository import validate_model_name
+from inferd.core.types import InferRequest, InferResult, ModelSignature
+from inferd.observability.tracing import portable_context
+from inferd.observability.worker_metrics import AnsweredHere
+from inferd.workers.engine import error_of
+from inferd.workers.ipc import Link, SharedTensors, pack_tensors, unpack_tensors
+from inferd.workers.layout import RunLayout
+
+log = logging.getLogger(__name__)
+
+# Services a frontend answers itself; the rest of every service goes to the engine.
+_LOCAL_SERVICES = ("/grpc.health.v1.", "/grpc.reflection.")
+# How often a frontend's own request stages reach the engine's statistics.
+SERVED_INTERVAL = 0.1
+RECONNECT_INTERVAL = 0.1
+
+
+class FrontendServer(InferenceServer):
+    reuse_port = True
+
+    def __init__(self, config: Any, layout: RunLayout) -> None:
+        self.layout = layout
+        self.client = EngineClient(layout, config.ipc_shm_threshold_bytes)
+        super().__init__(config, observer=AnsweredHere())
+        self.client.on_health = self._health_changed
+        self._proxy: EngineProxy | None = None
+
+    def backend(self, session_factory: SessionFactory) -> tuple[Any, Any]:
+        return self.client.registry, self.client
+
+    def route(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler | None:
+        if method in INFERENCE_METHODS or method.startswith(_LOCAL_SERVICES):
+            return None
+        if self._proxy is None:
+            self._proxy = EngineProxy(f"unix:{self.layout.engine_grpc}")
+        return self._proxy.handler(method, handler)
+
+    async def announce_health(self) -> None:
+        await self._set_health(self.client.serving)
+
+    def log_listening(self) -> None:
+        log.info("frontend pid %d listening on %s:%d", os.getpid(), self.config.host, self.port)
+
+    def _health_changed(self, serving: bool) -> None:
+        asyncio.get_running_loop().create_task(self._set_health(serving))
+
+    async def _set_health(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float | None = None) -> None:
+        await super().stop(grace)
+        self.client.close()
+        if self._proxy is not None:
+            await self._proxy.close()
+
+
+class RemoteVersion:
+    """A READY version as a frontend sees it: what validating a request needs, and `infer`,
+    which sends the request to the engine."""
+
+    __slots__ = (
+        "_client",
+        "default_timeout",
+        "memory",
+        "name",
+        "requested",
+        "signature",
+        "statistics",
+        "version",
+    )
+
+    def __init__(
+        self,
+        client: EngineClient,
+        name: str,
+        version: int,
+        signature: ModelSignature,
+        default_timeout: float | None,
+        requested: int | None,
+    ) -> None:
+        self._client = client
+        self.name = name
+        self.version = version
+        self.signature = signature
+        self.default_timeout = default_timeout
+        # Memory admission is the engine's, where every frontend's requests meet.
+        self.memory = None
+        self.requested = requested
+        self.statistics = _ServedStages(client, (name, version))
+
+    async def infer(self, request: InferRequest) -> InferResult:
+        return await self._client.infer(self, request)
+
+
+class _ServedStages:
+    """The frontend's share of a version's statistics: the stages of each request it
+    answered, sent to the engine in bulk (`EngineClient.served`)."""
+
+    __slots__ = ("_client", "_key")
+
+    def __init__(self, client: EngineClient, key: tuple[str, int]) -> None:
+        self._client = client
+        self._key = key
+
+    def request_served(self, decode: float, encode: float, handler: float) -> None:
+        self._client.served(self._key, decode, encode, handler)
+
+
+class RemoteRegistry:
+    """The engine's routing table, as `DataPlane` asks a registry for it."""
+
+    def __init__(self, client: EngineClient) -> None:
+        self._client = client
+        # model -> version -> (the version named, the version as the default)
+        self._routes: dict[str, dict[int, tuple[RemoteVersion, RemoteVersion]]] = {}
+        self._stopping = False
+        self.last_refused = 0.0
+
+    def update(self, routes: dict[str, list[tuple[int, ModelSignature, float | None]]]) -> None:
+        self._routes = {
+            name: {
+                number: (
+                    RemoteVersion(self._client, name, number, signature, timeout, number),
+                    RemoteVersion(self._client, name, number, signature, timeout, None),
+                )
+                for number, signature, timeout in versions
+            }
+            for name, versions in routes.items()
+        }
+
+    @property
+    def accepting(self) -> bool:
+        return not self._stopping and self._client.accepting
+
+    def resolve(self, name: str, version: int | None = None) -> RemoteVersion:
+        """As `ModelRegistry.resolve`, from the engine's latest routing table."""
+        if not self.accepting:
+            self.last_refused = time.monotonic()
+            raise Unavailable(
+                "server is shutting down" if self._stopping else "the engine is not available"
+            )
+        versions = self._routes.get(name)
+        if versions is None:
+            validate_model_name(name)
+            raise ModelNotFound(f"model '{name}' is not served")
+        if version is not None:
+            found = versions.get(version)
+            if found is None:
+                raise ModelNotFound(
+                    f"model '{name}' version {version} is not READY; "
+                    f"ready versions: {sorted(versions)}"
+                )
+            return found[0]
+        if not versions:
+            raise ModelNotFound(f"model '{name}' has no READY version")
+        return versions[max(versions)][1]
+
+    def knows(self, name: str) -> bool:
+        return name in self._routes
+
+    def model_names(self) -> list[str]:
+        return sorted(self._routes)
+
+    async def shutdown(self) -> None:
+        """Refuse new requests; return once every request sent to the engine is answered."""
+        self._stopping = True
+        await self._client.drained()
+
+
+class EngineClient:
+    """The frontend's end of its link to the engine; the frontend's model controller too (it
+    controls nothing: it connects, and follows the engine's routing)."""
+
+    def __init__(self, layout: RunLayout, shm_threshold: int) -> None:
+        self._layout = layout
+        self._shared = SharedTensors(layout.shm_prefix, shm_threshold)
+        self.registry = RemoteRegistry(self)
+        self.on_health: Callable[[bool], None] = lambda serving: None
+        self._link: Link | None = None
+        self._ids = itertools.count()
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._stages: dict[tuple[str, int], list[float]] = {}
+        self._state_received = asyncio.Event()
+        self._closed = False
+        self._reconnecting: asyncio.Task[None] | None = None
+        self.accepting = False
+        self.serving = False
+
+    # -- controller -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect to the engine (retrying while it loads its models) and take its routing."""
+        await self._connect()
+        await self._state_received.wait()
+
+    async def stop(self) -> None:
+        """Nothing to stop: the models are the engine's."""
+
+    def close(self) -> None:
+        self._closed = True
+        self._send_stages()
+        if self._reconnecting is not None:
+            self._reconnecting.cancel()
+        if self._link is not None:
+            self._link.close()
+
+    async def _connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._closed:
+            try:
+                _, link = await loop.create_unix_connection(
+                    lambda: Link(self._on_frame, self._on_lost), str(self._layout.engine_ipc)
+                )
+            except (FileNotFoundError, ConnectionRefusedError):
+                await asyncio.sleep(RECONNECT_INTERVAL)
+                continue
+            self._link = link
+            link.send(("hello", os.getpid()))
+            return
+
+    def _on_lost(self, exc: Exception | None) -> None:
+        self._link = None
+        self._apply_state(False, False)
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(Unavailable("the engine process went away; retry"))
+        self._idle.set()
+        if not self._closed:
+            log.error("frontend pid %d: lost the engine; reconnecting", os.getpid())
+            self._reconnecting = asyncio.get_running_loop().create_task(self._connect())
+
+    # -- frames ---------------------------------------------------------------------------------
+
+    def _on_frame(self, header: Any, body: bytes) -> None:
+        kind = header[0]
+        if kind == "result":
+            _, rid, version, queue_time, compute_time, rows, specs = header
+            future = self._pending.pop(rid, None)
+            outputs = unpack_tensors(specs, body, self._layout.shm_prefix)
+            if future is not None and not future.done():
+                future.set_result((version, outputs, queue_time, compute_time, rows))
+        elif kind == "error":
+            _, rid, name, message = header
+            future = self._pending.pop(rid, None)
+            if future is not None and not future.done():
+                future.set_exception(error_of(name, message))
+        elif kind == "state":
+            _, accepting, serving, routes = header
+            self.registry.update(routes)
+            self._apply_state(accepting, serving)
+            self._state_received.set()
+        else:
+            log.error("frontend: unknown frame %r from the engine", kind)
+            return
+        if not self._pending:
+            self._idle.set()
+
+    def _apply_state(self, accepting: bool, serving: bool) -> None:
+        self.accepting = accepting
+        if serving != self.serving:
+            self.serving = serving
+            self.on_health(serving)
+
+    # -- requests -------------------------------------------------------------------------------
+
+    async def infer(self, target: RemoteVersion, request: InferRequest) -> InferResult:
+        link = self._link
+        if link is None:
+            raise Unavailable("the engine is not available")
+        rid = next(self._ids)
+        specs, body = pack_tensors(request.inputs.items(), self._shared)
+        link.send(
+            (
+                "infer",
+                rid,
+                request.model,
+                target.requested,
+                target.version,
+                request.outputs,
+                request.id,
+                request.priority,
+                request.deadline,
+                portable_context(request.trace_context),
+                specs,
+            ),
+            body,
+        )
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = future
+        self._idle.clear()
+        try:
+            result = await future
+        except asyncio.CancelledError:
+            if self._pending.pop(rid, None) is not None and self._link is link:
+                link.send(("cancel", rid))
+            if not self._pending:
+                self._idle.set()
+            raise
+        return InferResult(request.model, *result)
+
+    async def drained(self) -> None:
+        await self._idle.wait()
+
+    def served(self, key: tuple[str, int], decode: float, encode: float, handler: float) -> None:
+        stages = self._stages.get(key)
+        if stages is None:
+            if not self._stages:
+                asyncio.get_running_loop().call_later(SERVED_INTERVAL, self._send_stages)
+            stages = self._stages[key] = [0, 0.0, 0.0, 0.0]
+        stages[0] += 1
+        stages[1] += decode
+        stages[2] += encode
+        stages[3] += handler
+
+    def _send_stages(self) -> None:
+        stages, self._stages = self._stages, {}
+        if stages and self._link is not None:
+            self._link.send(("served", {k: tuple(v) for k, v in stages.items()}))
+
+
+class EngineProxy:
+    """Forwards an RPC, as bytes, to the engine's gRPC socket: its metadata and deadline go
+    with it, and its answer or status comes back as the engine gave it."""
+
+    def __init__(self, target: str) -> None:
+        self._target = target
+        self._channel: grpc.aio.Channel | None = None
+
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        if self._channel is None:
+            self._channel = grpc.aio.insecure_channel(
+                self._target,
+                options=[
+                    ("grpc.max_send_message_length", -1),
+                    ("grpc.max_receive_message_length", -1),
+                ],
+            )
+        return self._channel
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+
+    def handler(self, method: str, original: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        if original.unary_unary is not None:
+
+            async def unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+                call = self.channel.unary_unary(method)
+                try:
+                    return await call(request, **_forwarded(context))
+                except grpc.aio.AioRpcError as exc:
+                    error = exc
+                await context.abort(error.code(), error.details() or "")
+                raise AssertionError("unreachable")
+
+            return grpc.unary_unary_rpc_method_handler(unary)
+        if original.unary_stream is not None:
+
+            async def stream(
+                request: bytes, context: grpc.aio.ServicerContext
+            ) -> AsyncIterator[bytes]:
+                call = self.channel.unary_stream(method)(request, **_forwarded(context))
+                try:
+                    async for reply in call:
+                        yield reply
+                    return
+                except grpc.aio.AioRpcError as exc:
+                    error = exc
+                await context.abort(error.code(), error.details() or "")
+
+            return grpc.unary_stream_rpc_method_handler(stream)
+        raise NotImplementedError(f"{method}: forwarding a client stream is not supported")
+
+
+_DROPPED_METADATA = ("user-agent", "grpc-", ":")
+
+
+def _forwarded(context: grpc.aio.ServicerContext) -> dict[str, Any]:
+    metadata = tuple(
+        (key, value)
+        for key, value in context.invocation_metadata() or ()
+        if not key.startswith(_DROPPED_METADATA)
+    )
+    return {"metadata": metadata, "timeout": context.time_remaining()}
