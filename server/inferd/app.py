@@ -161,7 +161,8 @@ class InferenceServer:
         )
         self.health = Health()
         self.wire = Wire(self.budget, self.observer, self.route)
-        self.metrics.registry.register(AdmissionCollector(self.budget))
+        self.admission_metrics = AdmissionCollector(self.budget)
+        self.metrics.registry.register(self.admission_metrics)
         quiet_callers_gone(status.unanswered.inc)
         self.port = 0
         self.metrics_port = 0
@@ -210,9 +211,10 @@ class InferenceServer:
         # Bad TLS files refuse the start before any model is loaded.
         tls_files = TlsFiles.from_settings(c.tls_cert, c.tls_key, c.tls_client_ca)
         self.certificates = ServerCertificates(tls_files) if tls_files is not None else None
-        self.metrics.registry.register(
-            TlsCollector(self.certificates.counts if self.certificates else ReloadCounts())
+        self.tls_metrics = TlsCollector(
+            self.certificates.counts if self.certificates else ReloadCounts()
         )
+        self.metrics.registry.register(self.tls_metrics)
         await self.controller.start()
         interceptors = []
         if self.tracer_provider is not None:

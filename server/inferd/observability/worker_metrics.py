@@ -5,10 +5,16 @@ mode sums each process's values; a dead process's gauges go with it)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 from inferd.core.observer import Observer
+
+# Seconds between two copies of a frontend's scrape-time figures (`CollectorMirror`).
+MIRROR_INTERVAL_S = 1.0
 
 
 class WorkerMetrics:
@@ -58,3 +64,53 @@ class AnsweredHere(Observer):
         self, protocol: str, model: str, version: int | None, code: str, duration: float
     ) -> None:
         self._count.inc()
+
+
+class CollectorMirror:
+    """Copies what collectors that read a process's own counters at scrape time report
+    (admission, TLS reloads) into prometheus-client's multiprocess files, so that the engine's
+    /metrics shows them summed over the frontends. Called every MIRROR_INTERVAL_S and once at
+    stop: those figures may lag by that much."""
+
+    def __init__(self, collectors: Sequence[Collector]) -> None:
+        self._collectors = tuple(collectors)
+        self._registry = CollectorRegistry()
+        self._metrics: dict[str, Gauge | Counter] = {}
+        self._last: dict[tuple[str, tuple[str, ...]], float] = {}
+
+    def update(self) -> None:
+        for collector in self._collectors:
+            for family in collector.collect():
+                if family.type not in ("gauge", "counter"):
+                    continue
+                for sample in family.samples:
+                    if family.type == "counter" and not sample.name.endswith("_total"):
+                        continue
+                    self._record(family, tuple(sample.labels), tuple(sample.labels.values()),
+                                 sample.value)  # fmt: skip
+
+    def _record(
+        self, family: Metric, names: tuple[str, ...], values: tuple[str, ...], value: float
+    ) -> None:
+        metric = self._metrics.get(family.name)
+        if metric is None:
+            if family.type == "gauge":
+                metric = Gauge(
+                    family.name,
+                    family.documentation,
+                    names,
+                    registry=self._registry,
+                    multiprocess_mode="livesum",
+                )
+            else:
+                metric = Counter(family.name, family.documentation, names, registry=self._registry)
+            self._metrics[family.name] = metric
+        child = metric.labels(*values) if names else metric
+        if isinstance(metric, Gauge):
+            child.set(value)  # type: ignore[union-attr]
+            return
+        key = (family.name, values)
+        delta = value - self._last.get(key, 0.0)
+        self._last[key] = value
+        if delta > 0:
+            child.inc(delta)  # type: ignore[union-attr]

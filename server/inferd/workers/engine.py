@@ -194,18 +194,22 @@ class Engine:
 
     # -- inference -----------------------------------------------------------------------------
 
+    def inputs(self, specs: Any, body: bytes) -> dict[str, Any]:
+        """A request's tensors, taken at once: a shared-memory object is unlinked as it is
+        mapped, so none is left behind by a request cancelled before it runs."""
+        return unpack_tensors(specs, body, self._layout.shm_prefix)
+
     async def infer(
-        self, frontend: _Frontend, rid: int, header: Sequence[Any], body: bytes
+        self, frontend: _Frontend, rid: int, header: Sequence[Any], inputs: dict[str, Any]
     ) -> None:
         (_, _, model, requested, validated, outputs, request_id, priority, deadline, trace,
-         specs) = header  # fmt: skip
+         _) = header  # fmt: skip
         link = frontend.link
         try:
             registry = self._server.registry
             target = registry.resolve(model, requested)
             if target.version != validated:
                 _check_same_signature(registry.get(model, validated), target, model)
-            inputs = unpack_tensors(specs, body, self._layout.shm_prefix)
             request = InferRequest(
                 model=model,
                 inputs=inputs,
@@ -285,8 +289,13 @@ class _Frontend:
         kind = header[0]
         if kind == "infer":
             rid = header[1]
+            try:
+                inputs = self.engine.inputs(header[-1], body)
+            except (OSError, ValueError) as exc:
+                self.link.send(("error", rid, "InferenceFailed", f"request tensors: {exc}"))
+                return
             task = asyncio.get_running_loop().create_task(
-                self.engine.infer(self, rid, header, body)
+                self.engine.infer(self, rid, header, inputs)
             )
             self.tasks[rid] = task
             task.add_done_callback(lambda _, rid=rid: self.tasks.pop(rid, None))

@@ -29,7 +29,11 @@ from inferd.core.models.loading import SessionFactory
 from inferd.core.models.repository import validate_model_name
 from inferd.core.types import InferRequest, InferResult, ModelSignature
 from inferd.observability.tracing import portable_context
-from inferd.observability.worker_metrics import AnsweredHere
+from inferd.observability.worker_metrics import (
+    MIRROR_INTERVAL_S,
+    AnsweredHere,
+    CollectorMirror,
+)
 from inferd.workers.engine import error_of
 from inferd.workers.ipc import Link, SharedTensors, pack_tensors, unpack_tensors
 from inferd.workers.layout import RunLayout
@@ -52,6 +56,7 @@ class FrontendServer(InferenceServer):
         super().__init__(config, observer=AnsweredHere())
         self.client.on_health = self._health_changed
         self._proxy: EngineProxy | None = None
+        self._mirroring: asyncio.Task[None] | None = None
 
     def backend(self, session_factory: SessionFactory) -> tuple[Any, Any]:
         return self.client.registry, self.client
@@ -81,11 +86,27 @@ class FrontendServer(InferenceServer):
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, status)
 
+    async def start(self) -> None:
+        await super().start()
+        mirror = CollectorMirror([self.admission_metrics, self.tls_metrics])
+        self._mirroring = asyncio.get_running_loop().create_task(_mirror(mirror))
+
     async def stop(self, grace: float | None = None) -> None:
         await super().stop(grace)
+        if self._mirroring is not None:
+            self._mirroring.cancel()
         self.client.close()
         if self._proxy is not None:
             await self._proxy.close()
+
+
+async def _mirror(mirror: CollectorMirror) -> None:
+    try:
+        while True:
+            mirror.update()
+            await asyncio.sleep(MIRROR_INTERVAL_S)
+    finally:
+        mirror.update()
 
 
 class RemoteVersion:

@@ -256,8 +256,12 @@ def _reserve_port(host: str, port: int) -> tuple[socket.socket, int]:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     if port:
         with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.bind((host, port))  # OSError (EADDRINUSE) if anyone holds it
+            # As gRPC binds: closed connections in TIME_WAIT do not hold the port; a listener
+            # does (OSError, EADDRINUSE).
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
     reservation = socket.socket(family, socket.SOCK_STREAM)
+    reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     reservation.bind((host, port))
     return reservation, reservation.getsockname()[1]
