@@ -74,7 +74,8 @@ class CollectorMirror:
 
     def __init__(self, collectors: Sequence[Collector]) -> None:
         self._collectors = tuple(collectors)
-        self._registry = CollectorRegistry()
+        # Where the copies are registered (what a test reads; the engine exposes the files).
+        self.registry = CollectorRegistry()
         self._metrics: dict[str, Gauge | Counter] = {}
         self._last: dict[tuple[str, tuple[str, ...]], float] = {}
 
@@ -99,11 +100,11 @@ class CollectorMirror:
                     family.name,
                     family.documentation,
                     names,
-                    registry=self._registry,
+                    registry=self.registry,
                     multiprocess_mode="livesum",
                 )
             else:
-                metric = Counter(family.name, family.documentation, names, registry=self._registry)
+                metric = Counter(family.name, family.documentation, names, registry=self.registry)
             self._metrics[family.name] = metric
         child = metric.labels(*values) if names else metric
         if isinstance(metric, Gauge):
