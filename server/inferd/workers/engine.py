@@ -28,7 +28,7 @@ from inferd.core import errors
 from inferd.core.errors import InferdError, Unavailable
 from inferd.core.models.registry import LoadedVersion
 from inferd.core.observer import Observer
-from inferd.core.types import InferRequest, ModelState
+from inferd.core.types import InferRequest, ModelSignature, ModelState
 from inferd.observability.tracing import remote_context
 from inferd.workers.ipc import Link, SharedTensors, pack_tensors, unpack_tensors
 from inferd.workers.layout import RunLayout
@@ -117,6 +117,8 @@ class Engine:
         self._announce_scheduled = False
         self._stopping = False
         self._none_left = asyncio.Event()
+        # What every version ever routed takes, for requests still on their way after it went.
+        self._signatures: dict[tuple[str, int], ModelSignature] = {}
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -156,6 +158,8 @@ class Engine:
                 for v in registry.versions_or_empty(name)
                 if v.state is ModelState.READY and v.loaded is not None
             ]
+            for number, signature, _ in routes[name]:
+                self._signatures[(name, number)] = signature
         hello = sum(1 for f in self._frontends.values() if f.pid is not None)
         serving = registry.accepting and not self._stopping and hello >= self._workers
         return ("state", registry.accepting and not self._stopping, serving, routes)
@@ -209,7 +213,7 @@ class Engine:
             registry = self._server.registry
             target = registry.resolve(model, requested)
             if target.version != validated:
-                _check_same_signature(registry.get(model, validated), target, model)
+                self._check_same_inputs(model, validated, target)
             request = InferRequest(
                 model=model,
                 inputs=inputs,
@@ -251,6 +255,16 @@ class Engine:
             out_body,
         )
 
+    def _check_same_inputs(self, model: str, validated: int, target: LoadedVersion) -> None:
+        """A request that named no version was checked against the version the frontend routed
+        it to; if another became the default meanwhile (a reload), it runs there only if that
+        one takes the same inputs."""
+        if self._signatures.get((model, validated)) != target.signature:
+            raise Unavailable(
+                f"model '{model}' changed to version {target.version} while the request was "
+                "on its way; retry"
+            )
+
     def served(self, stages: dict[tuple[str, int], tuple[int, float, float, float]]) -> None:
         """A frontend's own stages of requests it answered: into the version's statistics."""
         registry = self._server.registry
@@ -262,18 +276,6 @@ class Engine:
             s.decode.add(decode, count)
             s.encode.add(encode, count)
             s.handler.add(handler, count)
-
-
-def _check_same_signature(validated: Any, target: LoadedVersion, model: str) -> None:
-    """A request that named no version was checked against the version the frontend routed to;
-    if a newer one became the default meanwhile, it may run there only if it takes the same
-    inputs."""
-    loaded = getattr(validated, "loaded", None)
-    if loaded is None or loaded.signature != target.signature:
-        raise Unavailable(
-            f"model '{model}' changed to version {target.version} while the request was "
-            "on its way; retry"
-        )
 
 
 class _Frontend:
