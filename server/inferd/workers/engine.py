@@ -148,8 +148,8 @@ class Engine:
                 frontend.link.send(state)
 
     def state(self) -> tuple[Any, ...]:
-        """("state", accepting, serving, {model: [(version, signature, default timeout)]},
-        every model name known): only READY versions route."""
+        """("state", accepting, serving, {model: [(version, signature, default timeout)]}):
+        every model the registry lists, with the READY versions a request may go to."""
         registry = self._server.registry
         routes: dict[str, list[tuple[Any, ...]]] = {}
         for name in registry.model_names():
