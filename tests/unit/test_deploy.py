@@ -27,6 +27,7 @@ from inferd.core.observer import RejectReason
 from inferd.core.types import ModelState
 from inferd.demo_models import MLP_CONFIG, build_mlp, write_model
 from inferd.observability.gpu import GpuCollector
+from inferd.observability.worker_metrics import AnsweredHere, WorkerMetrics
 from inferd_client import AsyncInferClient
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -152,7 +153,15 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Family]:
     }
     gpu = CollectorRegistry()
     gpu.register(GpuCollector(nvml=FakeNvml()))
-    families = families_of(srv.metrics.registry, wrappers) + families_of(gpu, {})
+    # The processes of `--workers N` (observability/worker_metrics.py), as one of them records.
+    workers = CollectorRegistry()
+    WorkerMetrics(workers).started("frontend", restarted=True)
+    AnsweredHere(workers).request_finished("native", "mlp", 1, "OK", 0.001)
+    families = (
+        families_of(srv.metrics.registry, wrappers)
+        + families_of(gpu, {})
+        + families_of(workers, {})
+    )
     assert len({f.name for f in families}) == len(families)
     return {f.name: f for f in families}
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from inferd.core.errors import ModelNotFound, Unavailable
 from inferd.core.types import ModelSignature, TensorSpec
 from inferd.observability.worker_metrics import CollectorMirror
-from inferd.workers.frontend import EngineClient, RemoteRegistry
+from inferd.workers.frontend import EngineClient, Refusals, RemoteRegistry
 from inferd.workers.ipc import (
     SHM_DIR,
     Link,
@@ -165,8 +166,8 @@ def _signature() -> ModelSignature:
     return ModelSignature((spec,), (TensorSpec("y", "FP32", (4,)),), max_batch_size=8)
 
 
-async def test_the_frontend_routes_as_the_engine_says() -> None:
-    client = EngineClient(RunLayout(SHM_DIR, _prefix()), 1 << 20)
+async def test_the_frontend_routes_as_the_engine_says(tmp_path: Path) -> None:
+    client = EngineClient(RunLayout(tmp_path, _prefix()), 1 << 20, 0)
     registry: RemoteRegistry = client.registry
     client.accepting = True
     registry.update({"m": [(1, _signature(), None), (3, _signature(), 2.0)], "empty": []})
@@ -188,6 +189,14 @@ async def test_the_frontend_routes_as_the_engine_says() -> None:
     await registry.shutdown()  # nothing in flight: returns at once
     with pytest.raises(Unavailable, match="shutting down"):
         registry.resolve("m")
+
+
+def test_a_draining_frontend_sees_every_frontends_last_refusal(tmp_path: Path) -> None:
+    first, second = Refusals(tmp_path / "r", 0), Refusals(tmp_path / "r", 1)
+    assert first.last == second.last == 0.0
+    second.refused(12.5)
+    first.refused(7.0)
+    assert first.last == second.last == 12.5
 
 
 class _Figures:

@@ -33,7 +33,7 @@ def _stop_with_parent() -> None:
 
 
 async def _run(
-    role: str, config: ServerConfig, layout: RunLayout, status_fd: int, restarted: bool
+    role: str, config: ServerConfig, layout: RunLayout, status_fd: int, restarted: bool, index: int
 ) -> None:
     from inferd.observability.worker_metrics import WorkerMetrics
 
@@ -44,7 +44,7 @@ async def _run(
     else:
         from inferd.workers.frontend import FrontendServer
 
-        server = FrontendServer(config, layout)
+        server = FrontendServer(config, layout, index)
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop_requested.set)
@@ -70,12 +70,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shm-prefix", required=True)
     parser.add_argument("--status-fd", type=int, required=True)
     parser.add_argument("--restarted", action="store_true")
+    parser.add_argument("--index", type=int, default=0, help="the frontend's number, from 0")
     args = parser.parse_args(argv)
     _stop_with_parent()
     config = ServerConfig(**json.loads(os.environ.pop(CONFIG_ENV)))
     configure_logging(config.log_level, config.log_format)
     layout = RunLayout(args.run_dir, args.shm_prefix)
-    asyncio.run(_run(args.role, config, layout, args.status_fd, args.restarted))
+    asyncio.run(_run(args.role, config, layout, args.status_fd, args.restarted, args.index))
     return 0
 
 

@@ -182,8 +182,10 @@ class Engine:
             self._none_left.set()
         for task in list(frontend.tasks.values()):
             task.cancel()
-        if frontend.pid is not None and not self._stopping:
-            log.warning("engine: frontend pid %s left", frontend.pid)
+        if frontend.leaving or self._stopping:
+            log.info("engine: frontend pid %s stopped", frontend.pid)
+        elif frontend.pid is not None:
+            log.warning("engine: lost frontend pid %s", frontend.pid)
         self.state_changed()
 
     def shutting_down(self) -> None:
@@ -285,6 +287,8 @@ class _Frontend:
         self.engine = engine
         self.link: Link
         self.pid: int | None = None
+        # It said it is stopping: its going is no news.
+        self.leaving = False
         self.tasks: dict[int, asyncio.Task[None]] = {}
 
     def on_frame(self, header: Any, body: bytes) -> None:
@@ -307,6 +311,8 @@ class _Frontend:
                 task.cancel()
         elif kind == "served":
             self.engine.served(header[1])
+        elif kind == "bye":
+            self.leaving = True
         elif kind == "hello":
             self.pid = header[1]
             self.engine.joined(self)

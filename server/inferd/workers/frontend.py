@@ -14,9 +14,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import mmap
 import os
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -50,11 +52,12 @@ RECONNECT_INTERVAL = 0.1
 class FrontendServer(InferenceServer):
     reuse_port = True
 
-    def __init__(self, config: Any, layout: RunLayout) -> None:
+    def __init__(self, config: Any, layout: RunLayout, index: int) -> None:
         self.layout = layout
-        self.client = EngineClient(layout, config.ipc_shm_threshold_bytes)
+        self.client = EngineClient(layout, config.ipc_shm_threshold_bytes, index)
         super().__init__(config, observer=AnsweredHere())
         self.client.on_health = self._health_changed
+        self.client.on_reconnected = self._engine_back
         self._proxy: EngineProxy | None = None
         self._mirroring: asyncio.Task[None] | None = None
 
@@ -73,6 +76,12 @@ class FrontendServer(InferenceServer):
 
     def log_listening(self) -> None:
         log.info("frontend pid %d listening on %s:%d", os.getpid(), self.config.host, self.port)
+
+    def _engine_back(self) -> None:
+        """A new engine: forwarded RPCs go to it at once (the old channel would wait out its
+        reconnect backoff)."""
+        if self._proxy is not None:
+            self._proxy.reset()
 
     def _health_changed(self, serving: bool) -> None:
         asyncio.get_running_loop().create_task(self._set_health(serving))
@@ -161,15 +170,47 @@ class _ServedStages:
         self._client.served(self._key, decode, encode, handler)
 
 
+class Refusals:
+    """When each frontend last refused a request because the server is stopping, in a small
+    file every frontend maps (slot `index` is this one's). A draining frontend waits until no
+    frontend has refused one for a while (`InferenceServer._quiesce`): a client spreads its
+    retries over its connections, so one frontend's quiet is not the server's, and a call
+    that reaches a frontend as its transport stops ends CANCELLED (grpc/grpc#41785)."""
+
+    SLOTS = 256  # the most `workers` allows
+
+    def __init__(self, path: Path, index: int) -> None:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if os.fstat(fd).st_size < 8 * self.SLOTS:
+                os.ftruncate(fd, 8 * self.SLOTS)
+            self._times = memoryview(mmap.mmap(fd, 8 * self.SLOTS)).cast("d")
+        finally:
+            os.close(fd)
+        self._index = index
+
+    def refused(self, now: float) -> None:
+        self._times[self._index] = now
+
+    @property
+    def last(self) -> float:
+        return max(self._times)
+
+
 class RemoteRegistry:
     """The engine's routing table, as `DataPlane` asks a registry for it."""
 
-    def __init__(self, client: EngineClient) -> None:
+    def __init__(self, client: EngineClient, refusals: Refusals) -> None:
         self._client = client
         # model -> version -> (the version named, the version as the default)
         self._routes: dict[str, dict[int, tuple[RemoteVersion, RemoteVersion]]] = {}
         self._stopping = False
-        self.last_refused = 0.0
+        self._refusals = refusals
+
+    @property
+    def last_refused(self) -> float:
+        """time.monotonic() of the last request any frontend refused while stopping."""
+        return self._refusals.last
 
     def update(self, routes: dict[str, list[tuple[int, ModelSignature, float | None]]]) -> None:
         self._routes = {
@@ -190,7 +231,7 @@ class RemoteRegistry:
     def resolve(self, name: str, version: int | None = None) -> RemoteVersion:
         """As `ModelRegistry.resolve`, from the engine's latest routing table."""
         if not self.accepting:
-            self.last_refused = time.monotonic()
+            self._refusals.refused(time.monotonic())
             raise Unavailable(
                 "server is shutting down" if self._stopping else "the engine is not available"
             )
@@ -226,11 +267,13 @@ class EngineClient:
     """The frontend's end of its link to the engine; the frontend's model controller too (it
     controls nothing: it connects, and follows the engine's routing)."""
 
-    def __init__(self, layout: RunLayout, shm_threshold: int) -> None:
+    def __init__(self, layout: RunLayout, shm_threshold: int, index: int) -> None:
         self._layout = layout
         self._shared = SharedTensors(layout.shm_prefix, shm_threshold)
-        self.registry = RemoteRegistry(self)
+        self.registry = RemoteRegistry(self, Refusals(layout.refusals, index))
         self.on_health: Callable[[bool], None] = lambda serving: None
+        self.on_reconnected: Callable[[], None] = lambda: None
+        self._lost = False
         self._link: Link | None = None
         self._ids = itertools.count()
         self._pending: dict[int, asyncio.Future[Any]] = {}
@@ -259,6 +302,7 @@ class EngineClient:
         if self._reconnecting is not None:
             self._reconnecting.cancel()
         if self._link is not None:
+            self._link.send(("bye",))
             self._link.close()
 
     async def _connect(self) -> None:
@@ -277,6 +321,7 @@ class EngineClient:
 
     def _on_lost(self, exc: Exception | None) -> None:
         self._link = None
+        self._lost = True
         self._apply_state(False, False)
         pending, self._pending = self._pending, {}
         for future in pending.values():
@@ -305,6 +350,9 @@ class EngineClient:
         elif kind == "state":
             _, accepting, serving, routes = header
             self.registry.update(routes)
+            if self._lost:
+                self._lost = False
+                self.on_reconnected()
             self._apply_state(accepting, serving)
             self._state_received.set()
         else:
@@ -383,6 +431,7 @@ class EngineProxy:
     def __init__(self, target: str) -> None:
         self._target = target
         self._channel: grpc.aio.Channel | None = None
+        self._closing: set[asyncio.Task[None]] = set()
 
     @property
     def channel(self) -> grpc.aio.Channel:
@@ -392,6 +441,15 @@ class EngineProxy:
                 options=[
                     ("grpc.max_send_message_length", -1),
                     ("grpc.max_receive_message_length", -1),
+                    # A restarted engine is answered as soon as it listens: gRPC's default
+                    # backoff (1 s, growing to 120 s) kept forwarded calls failing for
+                    # seconds after the engine was back.
+                    ("grpc.initial_reconnect_backoff_ms", 100),
+                    ("grpc.min_reconnect_backoff_ms", 100),
+                    ("grpc.max_reconnect_backoff_ms", 500),
+                    # Its own connection, so that `reset` really starts a new one (channels
+                    # with equal arguments share gRPC's global subchannel pool).
+                    ("grpc.use_local_subchannel_pool", 1),
                 ],
             )
         return self._channel
@@ -399,6 +457,14 @@ class EngineProxy:
     async def close(self) -> None:
         if self._channel is not None:
             await self._channel.close()
+
+    def reset(self) -> None:
+        """Open a new channel for the next calls; the old one closes in the background."""
+        old, self._channel = self._channel, None
+        if old is not None:
+            task = asyncio.get_running_loop().create_task(old.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     def handler(self, method: str, original: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         if original.unary_unary is not None:

@@ -25,6 +25,11 @@ class RunLayout:
         return self.root / "engine.grpc"
 
     @property
+    def refusals(self) -> Path:
+        """When each frontend last refused a request while draining (`frontend.py`)."""
+        return self.root / "refusals"
+
+    @property
     def metrics(self) -> Path:
         """PROMETHEUS_MULTIPROC_DIR of every process of the server."""
         return self.root / "metrics"

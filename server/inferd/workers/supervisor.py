@@ -106,6 +106,8 @@ class Supervisor:
             self.layout.shm_prefix,
             "--status-fd",
             str(write_fd),
+            "--index",
+            str(child.index),
         ]
         if child.restarted:
             args.append("--restarted")
