@@ -10,7 +10,8 @@
 # by earlier calls) + .gpu/p5, installs .gpu/extra (or /tmp/extra) wheels, checks every import
 # up front, exports ResNet-50 and BERT-base with torch, runs `pytest -m gpu tests/gpu`, measures
 # the in-process ceiling (loadtest/bench/gpu.py), serves the models with inferd and loads them
-# with the harness (native and Open Inference Protocol, closed-loop concurrency sweeps), and
+# with the harness (native and Open Inference Protocol, closed-loop concurrency sweeps), then
+# `inferd serve --workers N` (ResNet-50 with 8 workers; the tiny model at 1, 2, 4, 8), and
 # writes JSON, plots and summary.md under $OUT. Every step has its own time limit and the whole
 # run a budget (GPU_CHECK_BUDGET_S, default 420 s); a failed step is recorded in
 # $OUT/status.txt and the run goes on where it can. Exit status: 0 when every step passed.
@@ -320,6 +321,56 @@ if [[ -d $REPO ]]; then
     stop_server
 fi
 
+# 6b. `inferd serve --workers N` (N frontends, one engine holding the models): ResNet-50 with 8
+#     workers under resnet50_peak's load, judged like it (report: resnet50@8); then the tiny
+#     model at --workers 1, 2, 4, 8 (goal: >= 0.7·N x one process). Run last and failure-safe:
+#     whatever happens here, the report below still runs.
+serve_workers() {
+    local workers=$1 repo=$WORK/repository-workers port metrics ready=0
+    if (( $(left) < 100 )); then
+        log "resnet50_workers$workers: SKIPPED (budget spent)"
+        echo "resnet50_workers$workers skipped-budget" >> "$OUT/status.txt"
+        failed+=("resnet50_workers$workers"); return 0
+    fi
+    rm -rf "$repo" && mkdir -p "$repo" && cp -r "$REPO/resnet50" "$repo/" || return 1
+    port=$(free_port) && metrics=$(free_port) || return 1
+    log "starting inferd --workers $workers on 127.0.0.1:$port (resnet50 only)"
+    python3 -m inferd.cli serve --model-repository "$repo" --host 127.0.0.1 --port "$port" \
+        --metrics-port "$metrics" --workers "$workers" > "$OUT/server_workers$workers.log" 2>&1 &
+    server_pid=$!
+    for _ in $(seq 1 240); do
+        (( $(left) > 60 )) || break
+        kill -0 "$server_pid" 2>/dev/null || break
+        # Up once the supervisor says so (every frontend listening), then SERVING.
+        if grep -q "inferd serving" "$OUT/server_workers$workers.log" 2>/dev/null \
+            && python3 -m inferd.cli health --url "127.0.0.1:$port" --timeout 2 >/dev/null 2>&1; then
+            ready=1; break
+        fi
+        sleep 0.5
+    done
+    if (( ready )); then
+        log "inferd --workers $workers SERVING"
+        loadtest "resnet50_workers$workers" 40 --client-batch 32 --concurrency 8,24 --connections 4 \
+            --target "native:127.0.0.1:$port,model=resnet50,label=workers-$workers"
+        timeout 10 curl -s "http://127.0.0.1:$metrics/metrics" > "$OUT/metrics_workers$workers.txt" 2>/dev/null || true
+    else
+        log "inferd --workers $workers did not become SERVING (server_workers$workers.log follows)"
+        tail -n 30 "$OUT/server_workers$workers.log" | sed 's/^/    /' | tee -a "$OUT/gpu_check.log"
+    fi
+    stop_server
+    (( ready ))
+}
+if [[ -d $REPO/resnet50 ]]; then
+    serve_workers 8 || { echo "serve_workers8 failed" >> "$OUT/status.txt"; failed+=(serve_workers8); }
+fi
+if [[ $REHEARSAL == 1 ]]; then
+    scale=(--scale 1,2 --harness-workers 2 --scale-levels 8,32 --quick)
+else
+    scale=(--scale 1,2,4,8 --harness-workers 6 --connections 4 --scale-levels 64,192)
+fi
+step workers_scale 150 python3 -m inferd.loadtest.bench.workers "${scale[@]}" --quiet \
+    --out "$OUT/workers_scale"
+
 # 7. The table.
 report_args=()
 for c in "$OUT"/ceiling_*.json; do [[ -f $c ]] && report_args+=(--ceiling "$c"); done
@@ -327,7 +378,13 @@ for d in resnet50_protocols resnet50_peak resnet50_batch1 bert; do
     model=${d%%_*}
     report_args+=(--served "$model=$OUT/served/$d")
 done
+if [[ -d $OUT/served/resnet50_workers8 ]]; then
+    report_args+=(--served "resnet50@8=$OUT/served/resnet50_workers8")
+fi
 step report 30 python3 -m inferd.loadtest.bench.gpu report "${report_args[@]}" --out "$OUT/summary.md"
+if [[ -f $OUT/workers_scale/scale.md ]]; then
+    { echo; cat "$OUT/workers_scale/scale.md"; } >> "$OUT/summary.md" 2>/dev/null || true
+fi
 { echo; echo "## Device"; echo; sed 's/^/    /' "$OUT/device.txt"; echo; echo "## Steps"; echo
   sed 's/^/    /' "$OUT/status.txt"; } >> "$OUT/summary.md" 2>/dev/null || true
 

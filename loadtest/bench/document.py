@@ -36,6 +36,8 @@ CLIENT_HEADING = "## Client cost"
 PATH_HEADING = "## Per-request path"
 OVERLOAD_HEADING = "## Overload"
 IPC_HEADING = "## Between processes"
+# `inferd serve --workers N`: figures from `python -m inferd.loadtest.bench.workers`, read.
+WORKERS_HEADING = "## Workers"
 GPU_HEADING = "## GPU"
 # A section not in the document goes before the first of these (after the scenarios).
 BEFORE = (CLIENT_HEADING, REPRODUCE_HEADING)
@@ -51,6 +53,7 @@ REPRODUCE = """\
 .venv/bin/inferd-loadtest --help
 .venv/bin/python -m inferd.loadtest.bench --only 8   # one scenario; replaces only its section
 .venv/bin/python -m inferd.loadtest.bench.client     # the client's cost per call (its section)
+.venv/bin/python -m inferd.loadtest.bench.workers --out DIR  # --workers N: CPU per process
 make profile                                         # py-spy flame graph: docs/profiles/
 ```
 
@@ -141,9 +144,9 @@ def write_document(
     # The client's section comes from its own benchmark, not from this suite: keep it.
     client = find_section(split_sections(previous), CLIENT_HEADING)
     kept_by_hand = [client.rstrip("\n")] if client else []
-    for heading in (PATH_HEADING, OVERLOAD_HEADING, IPC_HEADING):
+    for heading in (PATH_HEADING, OVERLOAD_HEADING, IPC_HEADING, WORKERS_HEADING):
         # Written from their own tools' runs (scripts/request_stages.py, bench.overload,
-        # scripts/measure_ipc.py).
+        # scripts/measure_ipc.py, bench.workers).
         kept = find_section(split_sections(previous), heading)
         kept_by_hand += [kept.rstrip("\n")] if kept else []
     text = "\n\n".join(

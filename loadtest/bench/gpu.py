@@ -2,7 +2,7 @@
 
     python -m inferd.loadtest.bench.gpu ceiling --model resnet50.onnx --name resnet50 --out c.json
     python -m inferd.loadtest.bench.gpu padding --model models/cnn/1/model.onnx --max-batch 32
-    python -m inferd.loadtest.bench.gpu report --ceiling c.json --served DIR ... --out summary.md
+    python -m inferd.loadtest.bench.gpu report --ceiling c.json --served M=DIR ... --out summary.md
 
 `ceiling` runs ONNX Runtime directly (no server, no RPC): per batch size, numpy in and out, IO
 binding with the data already on the device, and IO binding with the copies serving must pay
@@ -14,7 +14,8 @@ throughput is judged against, in the same run on the same machine.
 same sequence of random batch sizes, with and without buckets, interleaved.
 
 `report` writes the markdown table: served rows/s (from `python -m inferd.loadtest`
-report.json files) as a fraction of the in-process best, and batch-1 latencies.
+report.json files) as a fraction of the in-process best, and batch-1 latencies; a run given as
+`--served MODEL@N=DIR` was served by `inferd serve --workers N` and gets a target row of its own.
 """
 
 from __future__ import annotations
@@ -322,28 +323,39 @@ def report(args: argparse.Namespace) -> str:
     missing: list[str] = []
     for spec in args.served:
         model, _, where = spec.partition("=")
+        # MODEL@N: a server run with `--workers N` (judged on a row of its own).
+        model, _, workers = model.partition("@")
         path = Path(where) / "report.json"
         if not path.is_file():
             missing.append(f"{model}: no report in {where}")
             continue
         for row in _served_levels(path):
-            served.append({"model": model, "run": Path(where).name, **row})
+            served.append(
+                {"model": model, "run": Path(where).name, "workers": int(workers or 1), **row}
+            )
 
     nan = float("nan")
     lines = ["## Targets (served ÷ in-process, same run, same machine)", ""]
     lines += ["| target | measured | goal | met |", "|---|---|---|---|"]
     for model, goal in THROUGHPUT_TARGETS.items():
-        clean = [r for r in served if r["model"] == model and not r["errors"]]
-        top = max(clean, key=lambda r: r["rows_per_s"], default=None)
-        if top is None or model not in best:
-            lines.append(f"| {model} served ÷ in-process best | not measured | ≥ {goal} | - |")
-            continue
-        ratio = top["rows_per_s"] / best[model]
-        lines.append(
-            f"| {model} served ÷ in-process best ({top['rows_per_s']:,.0f} ÷ {best[model]:,.0f} "
-            f"items/s; {top['target']} {top['level']} x{top['client_batch']}) | {ratio:.2f} "
-            f"| ≥ {goal} | {'yes' if ratio >= goal else 'NO'} |"
-        )
+        counts = sorted({r["workers"] for r in served if r["model"] == model} | {1})
+        for workers in counts:
+            clean = [
+                r
+                for r in served
+                if r["model"] == model and r["workers"] == workers and not r["errors"]
+            ]
+            top = max(clean, key=lambda r: r["rows_per_s"], default=None)
+            what = f"{model} served" + (f" with --workers {workers}" if workers > 1 else "")
+            if top is None or model not in best:
+                lines.append(f"| {what} ÷ in-process best | not measured | ≥ {goal} | - |")
+                continue
+            ratio = top["rows_per_s"] / best[model]
+            lines.append(
+                f"| {what} ÷ in-process best ({top['rows_per_s']:,.0f} ÷ {best[model]:,.0f} "
+                f"items/s; {top['target']} {top['level']} x{top['client_batch']}) | {ratio:.2f} "
+                f"| ≥ {goal} | {'yes' if ratio >= goal else 'NO'} |"
+            )
     batch1 = [
         r
         for r in served
@@ -442,7 +454,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", default="")
     r = sub.add_parser("report", help="markdown: served vs in-process")
     r.add_argument("--ceiling", action="append", default=[], help="ceiling JSON (repeatable)")
-    r.add_argument("--served", action="append", default=[], help="MODEL=DIR of a loadtest run")
+    r.add_argument(
+        "--served",
+        action="append",
+        default=[],
+        help="MODEL=DIR of a loadtest run (MODEL@N=DIR: a server with --workers N)",
+    )
     r.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     if args.command == "ceiling":

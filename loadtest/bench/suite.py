@@ -3,7 +3,7 @@
 peers a scenario needs) on free loopback ports, run every scenario, write docs/benchmarks.md.
 
 A scenario that cannot run is reported as pending or failed with the exact reason, and the
-others still run. Each scenario is bounded in time; the suite takes about 15 minutes here.
+others still run. Each scenario is bounded in time; the suite takes about 18 minutes here.
 `--only 8` runs some scenarios and replaces just their sections (and summary rows, and
 figures) in the existing document.
 """
@@ -30,6 +30,7 @@ from inferd.loadtest.bench.scenario import (
     ScenarioResult,
     load_scenarios,
 )
+from inferd.loadtest.bench.workers import workers_scenario
 from inferd.loadtest.server_process import ServerStartError, start_inferd
 
 RUNNERS: dict[str, Callable[[BenchContext, Scenario], ScenarioResult]] = {
@@ -41,6 +42,7 @@ RUNNERS: dict[str, Callable[[BenchContext, Scenario], ScenarioResult]] = {
     "peers": peers.peers,
     "perf_analyzer": peers.perf_analyzer_check,
     "framework_ceiling": framework.framework_ceiling,
+    "workers": workers_scenario,
 }
 
 KNOWN_GAPS = [
