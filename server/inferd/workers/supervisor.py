@@ -202,7 +202,11 @@ class Supervisor:
             c.host,
             self.port,
             self.metrics_port if c.metrics_port >= 0 else "off",
-            extra={"workers": c.workers, "engine_pid": self._pid(self.engine)},
+            extra={
+                "workers": c.workers,
+                "engine_pid": self._pid(self.engine),
+                "run_dir": str(self.layout.root),
+            },
         )
         stopping = loop.create_task(stop_requested.wait())
         while True:
