@@ -15,7 +15,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from inferd.core.errors import ModelNotFound, Unavailable
+from inferd.core.errors import InferenceFailed, ModelNotFound, QueueFull, Unavailable
 from inferd.core.types import ModelSignature, TensorSpec
 from inferd.observability.worker_metrics import CollectorMirror
 from inferd.workers.frontend import EngineClient, Refusals, RemoteRegistry
@@ -23,6 +23,7 @@ from inferd.workers.ipc import (
     SHM_DIR,
     Link,
     SharedTensors,
+    error_of,
     pack_tensors,
     remove_shared,
     take_shared,
@@ -223,3 +224,11 @@ def test_the_mirror_copies_gauges_and_adds_counter_increments() -> None:
     text = generate_latest(mirror.registry).decode()
     assert "t_bytes 4.0" in text
     assert 't_refusals_total{why="full"} 5.0' in text
+
+
+def test_an_engine_error_becomes_the_same_core_error_in_the_frontend() -> None:
+    assert isinstance(error_of("QueueFull", "full"), QueueFull)
+    assert error_of("QueueFull", "full").message == "full"
+    # Anything that is not one of the core's errors is an inference failure (INTERNAL).
+    assert type(error_of("ValueError", "x")) is InferenceFailed
+    assert type(error_of("__builtins__", "x")) is InferenceFailed

@@ -24,7 +24,6 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from inferd.app import InferenceServer
-from inferd.core import errors
 from inferd.core.errors import InferdError, Unavailable
 from inferd.core.models.registry import LoadedVersion
 from inferd.core.observer import Observer
@@ -323,12 +322,4 @@ class _Frontend:
         self.engine.left(self)
 
 
-def error_of(name: str, message: str) -> InferdError:
-    """The core's error a frontend raises for an engine's ("error", ...) frame."""
-    cls = getattr(errors, name, None)
-    if not (isinstance(cls, type) and issubclass(cls, InferdError)):
-        cls = errors.InferenceFailed
-    return cls(message)
-
-
-__all__ = ["Engine", "EngineServer", "error_of"]
+__all__ = ["Engine", "EngineServer"]

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from inferd.core import errors
 from inferd.core.types import Array
 from inferd_wire.codec import pack_bytes_elements, unpack_bytes_elements
 
@@ -217,3 +218,11 @@ class Link(asyncio.Protocol):
         self._flush()
         if self.transport is not None:
             self.transport.close()
+
+
+def error_of(name: str, message: str) -> errors.InferdError:
+    """The core's error a frontend raises for an engine's ("error", ...) frame."""
+    cls = getattr(errors, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, errors.InferdError)):
+        cls = errors.InferenceFailed
+    return cls(message)
