@@ -102,7 +102,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             for stale in figures.glob(f"s{scenario.id}-*"):
                 shutil.rmtree(stale, ignore_errors=True)
     else:
-        shutil.rmtree(figures, ignore_errors=True)
+        # Every scenario's figures go; the folders of sections kept by hand (overload/,
+        # workers/: their own tools' runs, see document.py) stay with their sections.
+        for stale in figures.glob("s[0-9]*-*"):
+            shutil.rmtree(stale, ignore_errors=True)
     repository = build_bench_repository(workdir / "repository")
     inferd_log = workdir / "inferd.log"
     began = time.monotonic()
