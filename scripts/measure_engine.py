@@ -114,6 +114,9 @@ def main() -> None:
     parser.add_argument("--in-flight", default="1,4,16,64")
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--env", action="append", default=[], metavar="NAME=VALUE", help="for the server"
+    )
     parser.add_argument("--out", type=Path, help="write the figures here as JSON")
     args = parser.parse_args()
     levels = [int(k) for k in args.in_flight.split(",")]
@@ -121,7 +124,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="measure-engine-") as tmp:
         repository = build_bench_repository(Path(tmp) / "models")
         server = start_inferd(
-            repository, Path(tmp) / "server.log", extra_args=["--workers", "2"], metrics=False
+            repository,
+            Path(tmp) / "server.log",
+            extra_args=["--workers", "2"],
+            metrics=False,
+            env=dict(item.split("=", 1) for item in args.env),
         )
         try:
             text = server.log_text()
@@ -144,7 +151,8 @@ def main() -> None:
         print(f"{model:<6} {k:>9} {rate:>8.0f} {cpu:>22.0f}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"rounds": args.rounds, "rows": merged}, indent=2) + "\n")
+        record = {"rounds": args.rounds, "env": args.env, "rows": merged}
+        args.out.write_text(json.dumps(record, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from inferd.app import InferenceServer
 from inferd.core.errors import InferdError, Unavailable
 from inferd.core.models.registry import LoadedVersion
 from inferd.core.observer import Observer
+from inferd.core.runtime.session import set_inline_below
 from inferd.core.types import InferRequest, ModelSignature, ModelState
 from inferd.observability.tracing import remote_context
 from inferd.workers.ipc import Link, SharedTensors, pack_tensors, unpack_tensors
@@ -56,6 +57,7 @@ class EngineServer(InferenceServer):
     of the server (prometheus-client's multiprocess mode), and the frontends' links."""
 
     def __init__(self, config: Any, layout: RunLayout, workers: int) -> None:
+        set_inline_below(config.engine_inline_below_us * 1e-6)
         changes = _StateChanges()
         super().__init__(config, observer=changes)
         self.layout = layout

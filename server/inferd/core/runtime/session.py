@@ -168,8 +168,15 @@ def _graph_tensors(
 # call_soon_threadsafe) took ~120 µs of wall time and ~110 µs of CPU per round trip on the
 # 2-core development machine (`scripts/measure_handoff.py`), more than the tiny models' whole
 # run (demo mlp: 40-90 µs per batch). Longer runs still go to threads, so the loop never
-# stalls for long.
+# stalls for long. A process whose loop serves no gRPC (the engine of `--workers N`) takes a
+# longer bound (`set_inline_below`).
 INLINE_BELOW = 100e-6
+
+
+def set_inline_below(seconds: float) -> None:
+    """Run batches predicted shorter than `seconds` on the event loop, in this process."""
+    global INLINE_BELOW
+    INLINE_BELOW = seconds
 
 
 def _elements(batch: Sequence[Mapping[str, Array]]) -> int:
