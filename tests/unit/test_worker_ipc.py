@@ -171,9 +171,10 @@ async def test_the_frontend_routes_as_the_engine_says(tmp_path: Path) -> None:
     client = EngineClient(RunLayout(tmp_path, _prefix()), 1 << 20, 0)
     registry: RemoteRegistry = client.registry
     client.accepting = True
-    registry.update({"m": [(1, _signature(), None), (3, _signature(), 2.0)], "empty": []})
+    registry.update({"m": [(1, _signature(), None, 7), (3, _signature(), 2.0, 9)], "empty": []})
     newest = registry.resolve("m")
     assert newest.version == 3 and newest.requested is None and newest.default_timeout == 2.0
+    assert newest.generation == 9
     named = registry.resolve("m", 1)
     assert named.version == 1 and named.requested == 1
     with pytest.raises(ModelNotFound, match="version 2 is not READY; ready versions: \\[1, 3\\]"):
@@ -232,3 +233,34 @@ def test_an_engine_error_becomes_the_same_core_error_in_the_frontend() -> None:
     # Anything that is not one of the core's errors is an inference failure (INTERNAL).
     assert type(error_of("ValueError", "x")) is InferenceFailed
     assert type(error_of("__builtins__", "x")) is InferenceFailed
+
+
+@needs_shm
+def test_a_tensor_that_shared_memory_refuses_travels_inline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A full /dev/shm (ENOSPC from posix_fallocate) must not lose the request or kill the
+    process: the socket carries the tensor instead."""
+
+    def full(fd: int, offset: int, size: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    shared = SharedTensors(_prefix(), threshold=1024)
+    array = np.arange(4096, dtype=np.float32)
+    specs, body = pack_tensors([("big", array)], shared)
+    assert specs[0][5] == "" and not list(SHM_DIR.glob(f"{shared.prefix}*"))
+    out = unpack_tensors(specs, b"".join(bytes(b) for b in body), _prefix())
+    np.testing.assert_array_equal(out["big"], array)
+
+
+@needs_shm
+def test_a_frame_that_cannot_be_read_leaves_no_shared_memory() -> None:
+    shared = SharedTensors(_prefix(), threshold=1024)
+    good = np.zeros(2048, dtype=np.float32)
+    specs, body = pack_tensors([("a", good), ("b", good)], shared)
+    names = [spec[5] for spec in specs]
+    (SHM_DIR / names[0]).unlink()  # the first is gone: reading the frame fails
+    with pytest.raises(FileNotFoundError):
+        unpack_tensors(specs, b"".join(bytes(b) for b in body), _prefix())
+    assert not (SHM_DIR / names[1]).exists()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ctypes
 import json
 import os
@@ -53,7 +54,17 @@ async def _run(
     loop.add_signal_handler(
         signal.SIGHUP, lambda: loop.run_in_executor(None, server.reload_certificates)
     )
-    await server.start()
+    # A signal before the start is done (a frontend waiting for an engine that never comes)
+    # stops it there: nothing is serving yet.
+    starting = loop.create_task(server.start())
+    stopping = loop.create_task(stop_requested.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        return
+    starting.result()
     WorkerMetrics().started(role, restarted)
     os.write(
         status_fd, f"{role} {os.getpid()} ready {len(server.registry.model_names())}\n".encode()

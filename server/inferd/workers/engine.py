@@ -14,6 +14,7 @@ Frames to it: ("state", ...) whenever routing or health changes, ("result", ...)
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import time
@@ -30,7 +31,7 @@ from inferd.core.observer import Observer
 from inferd.core.runtime.session import set_inline_below
 from inferd.core.types import InferRequest, ModelSignature, ModelState
 from inferd.observability.tracing import remote_context
-from inferd.workers.ipc import Link, SharedTensors, pack_tensors, unpack_tensors
+from inferd.workers.ipc import Link, SharedTensors, pack_tensors, remove_shared, unpack_tensors
 from inferd.workers.layout import RunLayout
 
 log = logging.getLogger(__name__)
@@ -113,13 +114,17 @@ class Engine:
         self._layout = layout
         self._workers = workers
         self._frontends: dict[Link, _Frontend] = {}
-        self._shared = SharedTensors(layout.shm_prefix, shm_threshold)
+        self._shm_threshold = shm_threshold
         self._listener: asyncio.base_events.Server | None = None
         self._announce_scheduled = False
         self._stopping = False
         self._none_left = asyncio.Event()
-        # What every version ever routed takes, for requests still on their way after it went.
-        self._signatures: dict[tuple[str, int], ModelSignature] = {}
+        # Each loaded version routed, by a number of its own (files reloaded under the same
+        # version number are another); what each number ever routed takes, for requests still
+        # on their way after it went.
+        self._generations: dict[LoadedVersion, int] = {}
+        self._generation_numbers = itertools.count(1)
+        self._signatures: dict[int, ModelSignature] = {}
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -149,23 +154,35 @@ class Engine:
                 frontend.link.send(state)
 
     def state(self) -> tuple[Any, ...]:
-        """("state", accepting, serving, {model: [(version, signature, default timeout)]}):
+        """("state", accepting, serving, {model: [(version, signature, default timeout,
+        generation)]}):
         every model the registry lists, with the READY versions a request may go to."""
         registry = self._server.registry
         routes: dict[str, list[tuple[Any, ...]]] = {}
+        generations: dict[LoadedVersion, int] = {}
         for name in registry.model_names():
-            routes[name] = [
-                (v.version, v.loaded.signature, v.loaded.default_timeout)
-                for v in registry.versions_or_empty(name)
-                if v.state is ModelState.READY and v.loaded is not None
-            ]
-            for number, signature, _ in routes[name]:
-                self._signatures[(name, number)] = signature
+            routes[name] = []
+            for v in registry.versions_or_empty(name):
+                if v.state is not ModelState.READY or v.loaded is None:
+                    continue
+                generation = self._generations.get(v.loaded)
+                if generation is None:
+                    generation = next(self._generation_numbers)
+                    self._signatures[generation] = v.loaded.signature
+                generations[v.loaded] = generation
+                routes[name].append(
+                    (v.version, v.loaded.signature, v.loaded.default_timeout, generation)
+                )
+        self._generations = generations
         hello = sum(1 for f in self._frontends.values() if f.pid is not None)
         serving = registry.accepting and not self._stopping and hello >= self._workers
         return ("state", registry.accepting and not self._stopping, serving, routes)
 
     def joined(self, frontend: _Frontend) -> None:
+        # Answers to it are named for it: if its link drops, what it did not read is removed.
+        frontend.shared = SharedTensors(
+            self._layout.shm_prefix, self._shm_threshold, owner=f"{os.getpid()}-{frontend.pid}"
+        )
         self._frontends[frontend.link] = frontend
         frontend.link.send(self.state())
         log.info("engine: frontend pid %s joined", frontend.pid)
@@ -179,6 +196,8 @@ class Engine:
 
     def left(self, frontend: _Frontend) -> None:
         self._frontends.pop(frontend.link, None)
+        if frontend.shared is not None:
+            remove_shared(frontend.shared.prefix)
         if not self._frontends:
             self._none_left.set()
         for task in list(frontend.tasks.values()):
@@ -209,14 +228,14 @@ class Engine:
     async def infer(
         self, frontend: _Frontend, rid: int, header: Sequence[Any], inputs: dict[str, Any]
     ) -> None:
-        (_, _, model, requested, validated, outputs, request_id, priority, deadline, trace,
+        (_, _, model, requested, generation, outputs, request_id, priority, deadline, trace,
          _) = header  # fmt: skip
         link = frontend.link
         try:
             registry = self._server.registry
             target = registry.resolve(model, requested)
-            if target.version != validated:
-                self._check_same_inputs(model, validated, target)
+            if self._generations.get(target) != generation:
+                self._check_same_inputs(model, generation, target)
             request = InferRequest(
                 model=model,
                 inputs=inputs,
@@ -235,34 +254,32 @@ class Engine:
                     result = await target.infer(request)
                 finally:
                     target.memory.release(charged, None)
+            out_specs, out_body = pack_tensors(result.outputs.items(), frontend.shared)
+            link.send(
+                (
+                    "result",
+                    rid,
+                    result.version,
+                    result.queue_time,
+                    result.compute_time,
+                    result.batch_rows,
+                    out_specs,
+                ),
+                out_body,
+            )
         except asyncio.CancelledError:
             return
         except InferdError as exc:
             link.send(("error", rid, type(exc).__name__, exc.message))
-            return
         except Exception as exc:  # answered INTERNAL; the batcher has logged a model failure
             log.exception("engine: request %d of model '%s' failed", rid, model)
             link.send(("error", rid, "InferenceFailed", f"{type(exc).__name__}: {exc}"))
-            return
-        out_specs, out_body = pack_tensors(result.outputs.items(), self._shared)
-        link.send(
-            (
-                "result",
-                rid,
-                result.version,
-                result.queue_time,
-                result.compute_time,
-                result.batch_rows,
-                out_specs,
-            ),
-            out_body,
-        )
 
-    def _check_same_inputs(self, model: str, validated: int, target: LoadedVersion) -> None:
-        """A request that named no version was checked against the version the frontend routed
-        it to; if another became the default meanwhile (a reload), it runs there only if that
-        one takes the same inputs."""
-        if self._signatures.get((model, validated)) != target.signature:
+    def _check_same_inputs(self, model: str, generation: int, target: LoadedVersion) -> None:
+        """The frontend checked the request against the loaded version `generation`; if
+        another now serves it (a reload, to a new version number or new files under the same
+        one), it runs there only if that one takes the same inputs."""
+        if self._signatures.get(generation) != target.signature:
             raise Unavailable(
                 f"model '{model}' changed to version {target.version} while the request was "
                 "on its way; retry"
@@ -288,6 +305,7 @@ class _Frontend:
         self.engine = engine
         self.link: Link
         self.pid: int | None = None
+        self.shared: SharedTensors | None = None
         # It said it is stopping: its going is no news.
         self.leaving = False
         self.tasks: dict[int, asyncio.Task[None]] = {}

@@ -62,8 +62,10 @@ class EngineProxy:
                 try:
                     return await call(request, **_forwarded(context))
                 except grpc.aio.AioRpcError as exc:
-                    error = exc
-                await context.abort(error.code(), error.details() or "")
+                    code, details = exc.code(), exc.details() or ""
+                except asyncio.CancelledError:
+                    code, details = _channel_closed()
+                await context.abort(code, details)
                 raise AssertionError("unreachable")
 
             return grpc.unary_unary_rpc_method_handler(unary)
@@ -78,11 +80,23 @@ class EngineProxy:
                         yield reply
                     return
                 except grpc.aio.AioRpcError as exc:
-                    error = exc
-                await context.abort(error.code(), error.details() or "")
+                    code, details = exc.code(), exc.details() or ""
+                except asyncio.CancelledError:
+                    code, details = _channel_closed()
+                await context.abort(code, details)
 
             return grpc.unary_stream_rpc_method_handler(stream)
         raise NotImplementedError(f"{method}: forwarding a client stream is not supported")
+
+
+def _channel_closed() -> tuple[grpc.StatusCode, str]:
+    """A forwarded call cancelled under it: its caller's own cancel goes on; a call on a
+    channel that `reset` closed (the engine restarted meanwhile) is answered UNAVAILABLE, not
+    left without an answer until its deadline."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+    return grpc.StatusCode.UNAVAILABLE, "the engine restarted while the call was forwarded; retry"
 
 
 _DROPPED_METADATA = ("user-agent", "grpc-", ":")

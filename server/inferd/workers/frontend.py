@@ -26,7 +26,7 @@ from grpc_health.v1 import health_pb2
 
 from inferd.api.wire import INFERENCE_METHODS
 from inferd.app import SERVICE_NAMES, InferenceServer
-from inferd.core.errors import ModelNotFound, Unavailable
+from inferd.core.errors import InferenceFailed, ModelNotFound, Unavailable
 from inferd.core.models.loading import SessionFactory
 from inferd.core.models.repository import validate_model_name
 from inferd.core.types import InferRequest, InferResult, ModelSignature
@@ -37,7 +37,14 @@ from inferd.observability.worker_metrics import (
     CollectorMirror,
 )
 from inferd.workers.forwarding import EngineProxy
-from inferd.workers.ipc import Link, SharedTensors, error_of, pack_tensors, unpack_tensors
+from inferd.workers.ipc import (
+    Link,
+    SharedTensors,
+    error_of,
+    pack_tensors,
+    remove_shared,
+    unpack_tensors,
+)
 from inferd.workers.layout import RunLayout
 
 log = logging.getLogger(__name__)
@@ -125,6 +132,7 @@ class RemoteVersion:
     __slots__ = (
         "_client",
         "default_timeout",
+        "generation",
         "memory",
         "name",
         "requested",
@@ -141,8 +149,11 @@ class RemoteVersion:
         signature: ModelSignature,
         default_timeout: float | None,
         requested: int | None,
+        generation: int,
     ) -> None:
         self._client = client
+        # The engine's number for the loaded version this is (new files, new number).
+        self.generation = generation
         self.name = name
         self.version = version
         self.signature = signature
@@ -212,14 +223,17 @@ class RemoteRegistry:
         """time.monotonic() of the last request any frontend refused while stopping."""
         return self._refusals.last
 
-    def update(self, routes: dict[str, list[tuple[int, ModelSignature, float | None]]]) -> None:
+    def update(
+        self, routes: dict[str, list[tuple[int, ModelSignature, float | None, int]]]
+    ) -> None:
+        c = self._client
         self._routes = {
             name: {
                 number: (
-                    RemoteVersion(self._client, name, number, signature, timeout, number),
-                    RemoteVersion(self._client, name, number, signature, timeout, None),
+                    RemoteVersion(c, name, number, signature, timeout, number, generation),
+                    RemoteVersion(c, name, number, signature, timeout, None, generation),
                 )
-                for number, signature, timeout in versions
+                for number, signature, timeout, generation in versions
             }
             for name, versions in routes.items()
         }
@@ -322,6 +336,8 @@ class EngineClient:
     def _on_lost(self, exc: Exception | None) -> None:
         self._link = None
         self._lost = True
+        # Every request sent is failed below: inputs the engine did not read are nobody's.
+        remove_shared(self._shared.prefix)
         self._apply_state(False, False)
         pending, self._pending = self._pending, {}
         for future in pending.values():
@@ -339,9 +355,17 @@ class EngineClient:
         if kind == "result":
             _, rid, version, queue_time, compute_time, rows, specs = header
             future = self._pending.pop(rid, None)
-            outputs = unpack_tensors(specs, body, self._layout.shm_prefix)
-            if future is not None and not future.done():
-                future.set_result((version, outputs, queue_time, compute_time, rows))
+            try:
+                outputs = unpack_tensors(specs, body, self._layout.shm_prefix)
+            except Exception as exc:
+                log.exception("frontend: the answer to request %d could not be read", rid)
+                if future is not None and not future.done():
+                    future.set_exception(
+                        InferenceFailed(f"the engine's answer could not be read: {exc}")
+                    )
+            else:
+                if future is not None and not future.done():
+                    future.set_result((version, outputs, queue_time, compute_time, rows))
         elif kind == "error":
             _, rid, name, message = header
             future = self._pending.pop(rid, None)
@@ -381,7 +405,7 @@ class EngineClient:
                 rid,
                 request.model,
                 target.requested,
-                target.version,
+                target.generation,
                 request.outputs,
                 request.id,
                 request.priority,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import mmap
 import os
 import pickle
@@ -30,6 +31,8 @@ import numpy as np
 from inferd.core import errors
 from inferd.core.types import Array
 from inferd_wire.codec import pack_bytes_elements, unpack_bytes_elements
+
+log = logging.getLogger(__name__)
 
 _FRAME = struct.Struct("<II")  # header bytes, body bytes
 SHM_DIR = Path("/dev/shm")
@@ -47,20 +50,31 @@ TensorSpec = tuple[str, str, tuple[int, ...], int, int, str, int]
 
 class SharedTensors:
     """Writes tensors of at least `threshold` bytes to shared memory, named
-    `<prefix><pid>-<n>` so that the supervisor can remove what a dead process left behind."""
+    `<run prefix><owner>-<n>` (owner: this process's pid by default), so that what a process
+    left behind can be removed by prefix: by the supervisor when it dies, by the engine when a
+    frontend's link drops."""
 
-    def __init__(self, prefix: str, threshold: int = DEFAULT_SHM_THRESHOLD) -> None:
-        self.prefix = f"{prefix}{os.getpid()}-"
+    def __init__(
+        self, prefix: str, threshold: int = DEFAULT_SHM_THRESHOLD, owner: str | None = None
+    ) -> None:
+        self.prefix = f"{prefix}{owner or os.getpid()}-"
         self.threshold = threshold if SHM_DIR.is_dir() else 1 << 62
         self._numbers = itertools.count()
 
     def put(self, data: memoryview) -> str:
+        """The new object's name; OSError (nothing left behind) when it cannot be made."""
         name = f"{self.prefix}{next(self._numbers)}"
-        fd = os.open(SHM_DIR / name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        path = SHM_DIR / name
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.ftruncate(fd, data.nbytes)
+            # Reserve the pages first: a full tmpfs then fails here with ENOSPC, where writing
+            # through the mapping would kill the process with SIGBUS.
+            os.posix_fallocate(fd, 0, data.nbytes)
             with mmap.mmap(fd, data.nbytes) as region:
                 region[:] = data
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
         finally:
             os.close(fd)
         return name
@@ -109,18 +123,36 @@ def pack_tensors(
             data = memoryview(pack_bytes_elements(flat))
         else:
             data = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+        shm = ""
         if data.nbytes >= shared.threshold:
-            specs.append(
-                (name, array.dtype.str, array.shape, kind, data.nbytes, shared.put(data), 0)
-            )
-        else:
-            specs.append((name, array.dtype.str, array.shape, kind, data.nbytes, "", 0))
+            try:
+                shm = shared.put(data)
+            except OSError as exc:
+                # /dev/shm full (a container's default is 64 MB) or refused: the socket
+                # carries it instead, slower but whole.
+                log.warning(
+                    "shared memory refused a %d-byte tensor (%s); sent inline", data.nbytes, exc
+                )
+        specs.append((name, array.dtype.str, array.shape, kind, data.nbytes, shm, 0))
+        if not shm:
             body.append(data)
     return specs, body
 
 
 def unpack_tensors(specs: Iterable[TensorSpec], body: bytes, prefix: str) -> dict[str, Array]:
-    """The arrays `pack_tensors` sent: read-only views of the body or of shared memory."""
+    """The arrays `pack_tensors` sent: read-only views of the body or of shared memory. If one
+    cannot be read, the frame's other shared objects are removed before the error goes up."""
+    specs = list(specs)
+    try:
+        return _unpack(specs, body, prefix)
+    except BaseException:
+        for spec in specs:
+            if spec[5] and spec[5].startswith(prefix) and "/" not in spec[5]:
+                (SHM_DIR / spec[5]).unlink(missing_ok=True)
+        raise
+
+
+def _unpack(specs: list[TensorSpec], body: bytes, prefix: str) -> dict[str, Array]:
     arrays: dict[str, Array] = {}
     offset = 0
     for name, dtype, shape, kind, size, shm, _ in specs:
@@ -189,7 +221,12 @@ class Link(asyncio.Protocol):
             header = pickle.loads(buffer[start : start + header_size])
             body = bytes(buffer[start + header_size : end]) if body_size else b""
             offset = end
-            self._on_frame(header, body)
+            try:
+                self._on_frame(header, body)
+            except Exception:
+                # One frame's failure is its request's (answered by its handler); the link and
+                # every other request on it go on.
+                log.exception("link: a %r frame failed", header[0] if header else None)
         if offset == size:
             buffer.clear()
         elif offset:

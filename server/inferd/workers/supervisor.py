@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -70,6 +71,7 @@ class Supervisor:
         self.frontends = [_Child("frontend", i) for i in range(config.workers)]
         self._stopping = False
         self._exits: asyncio.Queue[_Child] = asyncio.Queue()
+        self._stop_requested = asyncio.Event()
         self._watchers: set[asyncio.Task[None]] = set()
 
     # -- processes -----------------------------------------------------------------------------
@@ -152,6 +154,12 @@ class Supervisor:
         if not self._stopping:
             await self._exits.put(child)
 
+    async def _start_all(self) -> str:
+        """The engine, then every frontend; the engine's ready line."""
+        ready = await self._start(self.engine)
+        await asyncio.gather(*(self._start(f) for f in self.frontends))
+        return ready
+
     async def _start(self, child: _Child) -> str:
         await self._spawn(child)
         assert child.ready is not None
@@ -173,8 +181,9 @@ class Supervisor:
             f" in {pause:.1f} s" if pause else "",
         )
         if pause:
-            await asyncio.sleep(pause)
-        if self._stopping:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop_requested.wait(), pause)
+        if self._stop_requested.is_set() or self._stopping:
             return
         child.restarted = True
         await self._spawn(child)
@@ -183,18 +192,36 @@ class Supervisor:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        stop_requested = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop_requested.set)
+            loop.add_signal_handler(sig, self._stop_requested.set)
         loop.add_signal_handler(signal.SIGHUP, self._forward_hangup)
-        try:
-            ready = await self._start(self.engine)
-            await asyncio.gather(*(self._start(f) for f in self.frontends))
-        except ChildExited as exc:
-            log.error("inferd did not start: %s", exc)
+        # Up once every process says so; a process that dies meanwhile (even one already up)
+        # fails the start, and a signal meanwhile stops it.
+        starting = loop.create_task(self._start_all())
+        stopping = loop.create_task(self._stop_requested.wait())
+        exited = loop.create_task(self._exits.get())
+        await asyncio.wait({starting, stopping, exited}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done() or starting.exception() is not None:
+            starting.cancel()
+            exited.cancel()
+            stopping.cancel()
+            if self._stop_requested.is_set():
+                log.info("signal received while starting: stopping")
+                await self._stop_all(grace=self.config.grace_period_s)
+                return 0
+            reason = (
+                starting.exception()
+                if starting.done() and not starting.cancelled()
+                else f"{exited.result().name} exited"
+                if exited.done() and not exited.cancelled()
+                else "a process exited"
+            )
+            log.error("inferd did not start: %s", reason)
             await self._stop_all(grace=0.0)
             return 1
-        models = int(ready.split()[-1])
+        exited.cancel()
+        stopping.cancel()
+        models = int(starting.result().split()[-1])
         c = self.config
         log.info(
             "inferd serving %d model(s) on %s:%d (metrics on port %s)",
@@ -208,7 +235,7 @@ class Supervisor:
                 "run_dir": str(self.layout.root),
             },
         )
-        stopping = loop.create_task(stop_requested.wait())
+        stopping = loop.create_task(self._stop_requested.wait())
         while True:
             exited = loop.create_task(self._exits.get())
             done, _ = await asyncio.wait({stopping, exited}, return_when=asyncio.FIRST_COMPLETED)
@@ -285,7 +312,9 @@ async def supervise(config: ServerConfig) -> int:
     # Bad TLS files refuse the start here, before any process starts (TlsConfigError).
     TlsFiles.from_settings(config.tls_cert, config.tls_key, config.tls_client_ca)
     root = Path(tempfile.mkdtemp(prefix="inferd-run-"))
-    layout = RunLayout(root, f"inferd-{os.getpid()}-")
+    # The pid alone is not unique where servers in other pid namespaces share /dev/shm (two
+    # containers of one pod), and it is guessable.
+    layout = RunLayout(root, f"inferd-{os.getpid()}-{secrets.token_hex(4)}-")
     layout.metrics.mkdir()
     try:
         reservation, port = _reserve_port(config.host, config.port)
