@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import json
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 from inferd.app import InferenceServer
 from inferd.config import ServerConfig
 from inferd.observability.logging import configure_logging
+from inferd.workers.ipc import remove_shared
 from inferd.workers.layout import RunLayout
 from inferd.workers.supervisor import CONFIG_ENV
 
@@ -37,6 +39,8 @@ async def _run(
     role: str, config: ServerConfig, layout: RunLayout, status_fd: int, restarted: bool, index: int
 ) -> None:
     from inferd.observability.worker_metrics import WorkerMetrics
+
+    supervisor = os.getppid()
 
     if role == "engine":
         from inferd.workers.engine import EngineServer
@@ -72,6 +76,11 @@ async def _run(
     os.close(status_fd)
     await stop_requested.wait()
     await server.stop()
+    if role == "engine" and os.getppid() != supervisor:
+        # The supervisor was killed (its children got SIGTERM, and the engine stops last):
+        # nobody else will remove the run's directory and shared tensors.
+        remove_shared(layout.shm_prefix)
+        shutil.rmtree(layout.root, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
