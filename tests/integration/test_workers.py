@@ -434,6 +434,8 @@ async def test_two_workers_on_one_port_both_answer(workers_server: ServerProcess
     engines = by_label(samples, "inferd_worker_process", "worker_pid", role="engine")
     assert engines == {str(engine): 1.0}, engines
     assert total(samples, "inferd_worker_restarts_total") == 0
+    # The byte budget is the server's, split over the frontends: /metrics shows the whole.
+    assert total(samples, "inferd_request_bytes_budget") == 1024**3
     watch.assert_clean()
 
 

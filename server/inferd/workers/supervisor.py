@@ -90,6 +90,8 @@ class Supervisor:
         else:
             data["metrics_port"] = -1
             data["grace_period_s"] = c.grace_period_s - engine_reserve
+            # The budget is the server's: each frontend holds its share (/metrics sums them).
+            data["max_request_bytes_in_flight"] = max(c.max_request_bytes_in_flight // c.workers, 1)
         return data
 
     async def _spawn(self, child: _Child) -> None:
