@@ -8,8 +8,10 @@ log, up once grpc.health.v1 says SERVING. Here it runs on the CPU, in a director
 
 from __future__ import annotations
 
+import asyncio
 import re
-from collections.abc import Mapping
+import time
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -203,3 +205,20 @@ class LogWatch:
         problems = self.problems()
         shown = "\n".join(line[:600] for line in problems[:8])
         assert not problems, f"the server logged {len(problems)} problem lines:\n{shown}"
+
+
+async def wait_until(
+    check: Callable[[], Awaitable[bool] | bool], what: str, within: float = 30.0
+) -> None:
+    """Poll `check` (plain or awaitable) every 20 ms until true; TimeoutError naming `what`
+    after `within` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        result = check()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not within {within} s: {what}")
+        await asyncio.sleep(0.02)

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import os
 import re
-import time
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,7 +21,7 @@ import grpc
 import grpc.aio
 import numpy as np
 import pytest
-from integration_support import ServerFactory, ServerProcess
+from integration_support import ServerFactory, ServerProcess, wait_until
 
 from inferd.demo_models import build_adder
 from inferd_wire.codec import to_wire
@@ -126,14 +125,6 @@ class Stubs:
 async def stubs_of(server: ServerProcess) -> AsyncIterator[Stubs]:
     async with grpc.aio.insecure_channel(server.target) as channel:
         yield Stubs(channel)
-
-
-async def wait_until(check: Callable[[], Awaitable[bool]], what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not await check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"not within {WAIT} s: {what}")
-        await asyncio.sleep(0.05)
 
 
 async def code_of(call: Awaitable[object]) -> grpc.StatusCode:

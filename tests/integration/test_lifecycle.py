@@ -22,7 +22,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 import urllib.request
 import uuid
 from collections import Counter
@@ -39,6 +38,7 @@ from integration_support import (
     ServerProcess,
     add_summary_line,
     server_env,
+    wait_until,
 )
 
 from inferd.core.models.control import READY_MARKER
@@ -173,21 +173,6 @@ async def version_states(stubs: Stubs, model: str) -> dict[int, tuple[str, str]]
             return {}
         raise
     return {v.version: (STATE[v.state], v.reason) for v in response.versions}
-
-
-async def wait_until(
-    check: Callable[[], Awaitable[bool] | bool], what: str, within: float = WAIT
-) -> None:
-    deadline = time.monotonic() + within
-    while True:
-        result = check()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"not within {within} s: {what}")
-        await asyncio.sleep(0.02)
 
 
 async def wait_state(stubs: Stubs, model: str, version: int, state: str) -> str:

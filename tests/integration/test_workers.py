@@ -29,7 +29,7 @@ import time
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 
 import grpc
@@ -48,6 +48,7 @@ from integration_support import (
     model_file,
     predict_request,
     reference_outputs,
+    wait_until,
 )
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -238,21 +239,6 @@ def by_label(
 
 
 # --- waiting -------------------------------------------------------------------------------------
-
-
-async def wait_until(
-    check: Callable[[], Awaitable[bool] | bool], what: str, within: float = WAIT
-) -> None:
-    deadline = time.monotonic() + within
-    while True:
-        result = check()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"not within {within} s: {what}")
-        await asyncio.sleep(0.02)
 
 
 # --- connections and raw calls ----------------------------------------------------------------
