@@ -57,7 +57,7 @@ clean:
 	rm -rf $(VENV) $(MODELS) .pytest_cache .mypy_cache .ruff_cache
 
 # Benchmarks, not tests: starts its own servers (inferd, Triton, MLServer) on free loopback
-# ports, runs loadtest/scenarios/*.toml (~15 min here) and writes docs/benchmarks.md.
+# ports, runs loadtest/scenarios/*.toml (~18 min here) and writes docs/benchmarks.md.
 .PHONY: bench
 bench: $(STAMP)
 	$(PY) -m inferd.loadtest.bench
