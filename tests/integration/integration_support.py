@@ -222,3 +222,35 @@ async def wait_until(
         if time.monotonic() > deadline:
             raise TimeoutError(f"not within {within} s: {what}")
         await asyncio.sleep(0.02)
+
+
+class Callers:
+    """`count` caller tasks, each running `_caller(i)` until `stop()`: the continuous load of
+    the reload and restart tests. A subclass records what its callers see."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    async def _caller(self, i: int) -> None:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._caller(i)) for i in range(self.count)]
+
+    async def stop(self, within: float = 30.0) -> None:
+        self._stop.set()
+        async with asyncio.timeout(within):
+            await asyncio.gather(*self._tasks)
+
+    def check_running(self) -> None:
+        """Raise what a caller died of, if one did."""
+        for task in self._tasks:
+            if task.done() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]

@@ -34,6 +34,7 @@ import numpy as np
 import pytest
 from integration_support import (
     PROJECT_ROOT,
+    Callers,
     ServerFactory,
     ServerProcess,
     add_summary_line,
@@ -253,25 +254,24 @@ def inferd_cli(*args: str) -> subprocess.CompletedProcess[str]:
 # --- continuous load -----------------------------------------------------------------------------
 
 
-class Load:
+class Load(Callers):
     """CLIENTS tasks, each on its own channel, sending one request after another to `model`
     (no version asked) until stopped; every answer and failure is recorded per client."""
 
     def __init__(self, target: str, model: str, clients: int = CLIENTS) -> None:
+        super().__init__(clients)
         self.target = target
         self.model = model
         # Per client: (version in the response, the constant its output shows).
         self.answers: list[list[tuple[int, float]]] = [[] for _ in range(clients)]
         self.failures: list[tuple[int, str, str]] = []
-        self._stop = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
 
-    async def _client(self, i: int) -> None:
+    async def _caller(self, i: int) -> None:
         x = row(i)
         request = predict_request(self.model, x)
         async with grpc.aio.insecure_channel(self.target) as channel:
             stub = predict_pb2_grpc.PredictStub(channel)
-            while not self._stop.is_set():
+            while not self.stopping:
                 try:
                     response = await stub.Predict(request, timeout=RPC_TIMEOUT)
                 except grpc.aio.AioRpcError as exc:
@@ -279,20 +279,6 @@ class Load:
                     await asyncio.sleep(0.01)
                     continue
                 self.answers[i].append((response.version, added_constant(response, x)))
-
-    def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._client(i)) for i in range(len(self.answers))]
-
-    async def stop(self) -> None:
-        self._stop.set()
-        async with asyncio.timeout(WAIT):
-            await asyncio.gather(*self._tasks)
-
-    def check_running(self) -> None:
-        for task in self._tasks:
-            if task.done() and task.exception() is not None:
-                raise task.exception()  # type: ignore[misc]
 
     async def each_client_answered(
         self, count: int, where: Callable[[int, float], bool], within: float = WAIT

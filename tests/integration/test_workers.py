@@ -38,6 +38,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from integration_support import (
+    Callers,
     LogWatch,
     ServerFactory,
     ServerProcess,
@@ -312,22 +313,21 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-class ChannelLoad:
+class ChannelLoad(Callers):
     """`count` callers, each on a connection of its own and without retries, sending one mlp
     request after another until stopped; every outcome is kept per caller with its time."""
 
     def __init__(self, target: str, count: int, model: str = "mlp") -> None:
+        super().__init__(count)
         self.target = target
         self.model = model
         # Per caller: (monotonic end time, code name, seconds the call took).
         self.outcomes: list[list[tuple[float, str, float]]] = [[] for _ in range(count)]
-        self._stop = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
 
     async def _caller(self, i: int) -> None:
         x = mlp_input(np.random.default_rng(500 + i), 1)
         async with AsyncInferClient(self.target, options=own_connection(i), retries=0) as client:
-            while not self._stop.is_set():
+            while not self.stopping:
                 started = time.monotonic()
                 try:
                     out = await client.infer(self.model, x, timeout=RPC_TIMEOUT)
@@ -339,20 +339,6 @@ class ChannelLoad:
                 self.outcomes[i].append((ended, code, ended - started))
                 if code != "OK":
                     await asyncio.sleep(0.01)
-
-    def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._caller(i)) for i in range(len(self.outcomes))]
-
-    async def stop(self) -> None:
-        self._stop.set()
-        async with asyncio.timeout(WAIT):
-            await asyncio.gather(*self._tasks)
-
-    def check_running(self) -> None:
-        for task in self._tasks:
-            if task.done() and task.exception() is not None:
-                raise task.exception()  # type: ignore[misc]
 
     def ok_since(self, i: int, since: float, until: float = float("inf")) -> int:
         return sum(1 for t, code, _ in self.outcomes[i] if code == "OK" and since <= t <= until)
