@@ -39,13 +39,12 @@ SHM_DIR = Path("/dev/shm")
 # Tensors at least this large cross through shared memory (config `ipc_shm_threshold_bytes`).
 DEFAULT_SHM_THRESHOLD = 256 * 1024
 
-# How a tensor travels, in its spec: raw bytes in the body, or a shared-memory object; BYTES
-# elements as length-prefixed bytes, read back as str or as bytes.
-_RAW, _SHARED = 0, 1
+# A tensor's elements, in its spec: fixed-size, or BYTES (sent length-prefixed) read back as
+# str or as bytes.
 _FIXED, _STR, _BYTES = 0, 1, 2
 
-TensorSpec = tuple[str, str, tuple[int, ...], int, int, str, int]
-"""(name, numpy dtype, shape, elements kind, bytes, shared-memory name or "", where)."""
+TensorSpec = tuple[str, str, tuple[int, ...], int, int, str]
+"""(name, numpy dtype, shape, elements kind, bytes, shared-memory name or "": in the body)."""
 
 
 class SharedTensors:
@@ -133,7 +132,7 @@ def pack_tensors(
                 log.warning(
                     "shared memory refused a %d-byte tensor (%s); sent inline", data.nbytes, exc
                 )
-        specs.append((name, array.dtype.str, array.shape, kind, data.nbytes, shm, 0))
+        specs.append((name, array.dtype.str, array.shape, kind, data.nbytes, shm))
         if not shm:
             body.append(data)
     return specs, body
@@ -155,7 +154,7 @@ def unpack_tensors(specs: Iterable[TensorSpec], body: bytes, prefix: str) -> dic
 def _unpack(specs: list[TensorSpec], body: bytes, prefix: str) -> dict[str, Array]:
     arrays: dict[str, Array] = {}
     offset = 0
-    for name, dtype, shape, kind, size, shm, _ in specs:
+    for name, dtype, shape, kind, size, shm in specs:
         source: Any
         if shm:
             source = take_shared(shm, size, prefix)
